@@ -1,0 +1,236 @@
+// TF binding for the LayerNorm kernels: validate every input (these ops can be
+// called raw by anyone), allocate outputs, call the TF-free kernels.
+#include <cmath>
+#include <string>
+
+#include "cc/kernels/layer_norm_cpu.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/platform/threadpool.h"
+
+namespace tf_layernorm {
+namespace {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Status;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using ::tensorflow::errors::InvalidArgument;
+
+// What a kernel needs to know about the normalized block of x.
+struct ResolvedAxes {
+  NormGeometry geometry;
+  TensorShape norm_shape;   // shape of gamma/beta/dgamma/dbeta
+  TensorShape stats_shape;  // shape of mean/rstd: x with norm dims set to 1
+};
+
+Status ResolveAxes(const TensorShape& x, int64_t begin_attr, int64_t num, ResolvedAxes* out) {
+  const int64_t rank = x.dims();
+  const int64_t begin = begin_attr < 0 ? begin_attr + rank : begin_attr;
+  if (num < 1 || begin < 0 || begin + num > rank) {
+    return InvalidArgument("normalized axes [", begin_attr, ", ", begin_attr, " + ", num,
+                           ") are out of range for x of rank ", rank, " (shape ",
+                           x.DebugString(), ")");
+  }
+  NormGeometry g;
+  g.outer = 1;
+  g.norm = 1;
+  g.inner = 1;
+  out->norm_shape = TensorShape();
+  out->stats_shape = TensorShape();
+  for (int64_t d = 0; d < rank; ++d) {
+    const int64_t size = x.dim_size(d);
+    if (d < begin) {
+      g.outer *= size;
+      out->stats_shape.AddDim(size);
+    } else if (d < begin + num) {
+      g.norm *= size;
+      out->norm_shape.AddDim(size);
+      out->stats_shape.AddDim(1);
+    } else {
+      g.inner *= size;
+      out->stats_shape.AddDim(size);
+    }
+  }
+  // A zero-size dim after the block makes inner 0; the kernels want inner >= 1
+  // and see no work because outer * inner (the number of rows) is then 0.
+  if (g.inner == 0) {
+    g.inner = 1;
+    g.outer = 0;
+  }
+  out->geometry = g;
+  return Status();
+}
+
+Status CheckParam(const char* name, const Tensor& param, const ResolvedAxes& axes,
+                  const TensorShape& x, bool used, const char* flag) {
+  if (!used) {
+    if (param.NumElements() != 0) {
+      return InvalidArgument(name, " has shape ", param.shape().DebugString(),
+                             " but must be empty (e.g. shape [0]) when ", flag, " is false");
+    }
+    return Status();
+  }
+  if (param.shape() != axes.norm_shape) {
+    return InvalidArgument(name, " has shape ", param.shape().DebugString(), ", expected ",
+                           axes.norm_shape.DebugString(), " (the normalized dims of x with shape ",
+                           x.DebugString(), ")");
+  }
+  return Status();
+}
+
+// Hands the op's intra-op thread pool to the TF-free kernels.
+ParallelFor MakeParallelFor(OpKernelContext* ctx) {
+  tensorflow::thread::ThreadPool* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  return [pool](int64_t n, int64_t cost, const std::function<void(int64_t, int64_t)>& fn) {
+    if (n <= 0) return;
+    pool->ParallelFor(n, cost, fn);
+  };
+}
+
+Status ToStatus(KernelStatus s, const char* op) {
+  switch (s) {
+    case KernelStatus::kOk:
+      return Status();
+    case KernelStatus::kInvalidGeometry:
+      return InvalidArgument(op, ": x has too many elements for int64 indexing");
+    case KernelStatus::kNullPointer:
+      return tensorflow::errors::Internal(op, ": an input or output buffer is missing");
+  }
+  return tensorflow::errors::Internal(op, ": unknown kernel status");
+}
+
+class LayerNormBase : public OpKernel {
+ public:
+  explicit LayerNormBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("begin_norm_axis", &begin_norm_axis_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_norm_axes", &num_norm_axes_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
+    OP_REQUIRES(ctx, num_norm_axes_ >= 1,
+                InvalidArgument("num_norm_axes must be >= 1, got ", num_norm_axes_));
+  }
+
+ protected:
+  int64_t begin_norm_axis_ = -1;
+  int64_t num_norm_axes_ = 1;
+  bool scale_ = true;
+  bool center_ = true;
+};
+
+template <typename T, typename U>
+class LayerNormOp : public LayerNormBase {
+  using C = ComputeType<T>;
+
+ public:
+  explicit LayerNormOp(OpKernelConstruction* ctx) : LayerNormBase(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
+    OP_REQUIRES(ctx, std::isfinite(epsilon_) && epsilon_ >= 0.0f,
+                InvalidArgument("epsilon must be finite and >= 0, got ", epsilon_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& gamma = ctx->input(1);
+    const Tensor& beta = ctx->input(2);
+    ResolvedAxes axes;
+    OP_REQUIRES_OK(ctx, ResolveAxes(x.shape(), begin_norm_axis_, num_norm_axes_, &axes));
+    OP_REQUIRES_OK(ctx, CheckParam("gamma", gamma, axes, x.shape(), scale_, "scale"));
+    OP_REQUIRES_OK(ctx, CheckParam("beta", beta, axes, x.shape(), center_, "center"));
+
+    Tensor *y = nullptr, *mean = nullptr, *rstd = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, axes.stats_shape, &mean));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, axes.stats_shape, &rstd));
+
+    const KernelStatus s = LayerNormForwardCpu<T, U>(
+        axes.geometry, x.flat<T>().data(), scale_ ? gamma.flat<U>().data() : nullptr,
+        center_ ? beta.flat<U>().data() : nullptr, epsilon_, y->flat<T>().data(),
+        mean->flat<C>().data(), rstd->flat<C>().data(), MakeParallelFor(ctx));
+    OP_REQUIRES_OK(ctx, ToStatus(s, "LayerNorm"));
+  }
+
+ private:
+  float epsilon_ = 1e-5f;
+};
+
+template <typename T, typename U>
+class LayerNormGradOp : public LayerNormBase {
+  using C = ComputeType<T>;
+
+ public:
+  explicit LayerNormGradOp(OpKernelConstruction* ctx) : LayerNormBase(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    const Tensor& gamma = ctx->input(2);
+    const Tensor& mean = ctx->input(3);
+    const Tensor& rstd = ctx->input(4);
+    OP_REQUIRES(ctx, dy.shape() == x.shape(),
+                InvalidArgument("dy has shape ", dy.shape().DebugString(), " but x has shape ",
+                                x.shape().DebugString(), "; expected equal shapes"));
+    ResolvedAxes axes;
+    OP_REQUIRES_OK(ctx, ResolveAxes(x.shape(), begin_norm_axis_, num_norm_axes_, &axes));
+    OP_REQUIRES_OK(ctx, CheckParam("gamma", gamma, axes, x.shape(), scale_, "scale"));
+    for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"mean", &mean},
+                                  std::pair<const char*, const Tensor*>{"rstd", &rstd}}) {
+      OP_REQUIRES(ctx, t->shape() == axes.stats_shape,
+                  InvalidArgument(name, " has shape ", t->shape().DebugString(), ", expected ",
+                                  axes.stats_shape.DebugString(),
+                                  " (x's shape with the normalized dims set to 1)"));
+    }
+
+    Tensor *dx = nullptr, *dgamma = nullptr, *dbeta = nullptr;
+    const TensorShape empty({0});
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, scale_ ? axes.norm_shape : empty, &dgamma));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, center_ ? axes.norm_shape : empty, &dbeta));
+
+    const int64_t ws_size = LayerNormBackwardWorkspaceSize(axes.geometry, scale_, center_);
+    Tensor workspace;
+    if (ws_size > 0) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<C>::value,
+                                             TensorShape({ws_size}), &workspace));
+    }
+    const KernelStatus s = LayerNormBackwardCpu<T, U>(
+        axes.geometry, dy.flat<T>().data(), x.flat<T>().data(),
+        scale_ ? gamma.flat<U>().data() : nullptr, mean.flat<C>().data(), rstd.flat<C>().data(),
+        dx->flat<T>().data(), scale_ ? dgamma->flat<U>().data() : nullptr,
+        center_ ? dbeta->flat<U>().data() : nullptr,
+        ws_size > 0 ? workspace.flat<C>().data() : nullptr, MakeParallelFor(ctx));
+    OP_REQUIRES_OK(ctx, ToStatus(s, "LayerNormGrad"));
+  }
+};
+
+#define TFLN_REGISTER_CPU(T, U)                                                  \
+  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>LayerNorm")                          \
+                              .Device(tensorflow::DEVICE_CPU)                    \
+                              .TypeConstraint<T>("T")                            \
+                              .TypeConstraint<U>("U")                            \
+                              .TypeConstraint<ComputeType<T>>("S"),              \
+                          LayerNormOp<T, U>);                                    \
+  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>LayerNormGrad")                      \
+                              .Device(tensorflow::DEVICE_CPU)                    \
+                              .TypeConstraint<T>("T")                            \
+                              .TypeConstraint<U>("U")                            \
+                              .TypeConstraint<ComputeType<T>>("S"),              \
+                          LayerNormGradOp<T, U>);
+
+// Same-dtype parameters, plus float32 parameters for half-precision x (the
+// mixed-precision layout: float32 variables, float16/bfloat16 activations).
+TFLN_REGISTER_CPU(Eigen::half, Eigen::half)
+TFLN_REGISTER_CPU(Eigen::half, float)
+TFLN_REGISTER_CPU(Eigen::bfloat16, Eigen::bfloat16)
+TFLN_REGISTER_CPU(Eigen::bfloat16, float)
+TFLN_REGISTER_CPU(float, float)
+TFLN_REGISTER_CPU(double, double)
+
+#undef TFLN_REGISTER_CPU
+
+}  // namespace
+}  // namespace tf_layernorm

@@ -1,0 +1,213 @@
+// Op definitions and shape functions. The kernels live in cc/kernels/.
+//
+// Names are namespaced ("TfLayernorm>") so they can never collide with an op
+// of TensorFlow or of another custom-op library.
+//
+// The normalized dims are one contiguous block of axes of x:
+// [begin_norm_axis, begin_norm_axis + num_norm_axes). begin_norm_axis may be
+// negative (counted from the end), so graphs built with x of unknown rank
+// still work. mean and rstd keep x's rank with the normalized dims set to 1,
+// so they broadcast against x.
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace tf_layernorm {
+namespace {
+
+using ::tensorflow::DataType;
+using ::tensorflow::Status;
+using ::tensorflow::shape_inference::DimensionHandle;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+
+Status CheckTypes(InferenceContext* c) {
+  DataType t, u, s;
+  TF_RETURN_IF_ERROR(c->GetAttr("T", &t));
+  TF_RETURN_IF_ERROR(c->GetAttr("U", &u));
+  TF_RETURN_IF_ERROR(c->GetAttr("S", &s));
+  const bool half_like = t == tensorflow::DT_HALF || t == tensorflow::DT_BFLOAT16;
+  if (!(u == t || (half_like && u == tensorflow::DT_FLOAT))) {
+    return tensorflow::errors::InvalidArgument(
+        "gamma/beta have dtype ", tensorflow::DataTypeString(u), " but x has dtype ",
+        tensorflow::DataTypeString(t),
+        "; expected gamma/beta of x's dtype, or float32 when x is float16/bfloat16");
+  }
+  const DataType want_s = t == tensorflow::DT_DOUBLE ? tensorflow::DT_DOUBLE : tensorflow::DT_FLOAT;
+  if (s != want_s) {
+    return tensorflow::errors::InvalidArgument(
+        "statistics dtype S is ", tensorflow::DataTypeString(s), " but must be ",
+        tensorflow::DataTypeString(want_s), " for x of dtype ", tensorflow::DataTypeString(t));
+  }
+  return Status();
+}
+
+// Resolves the normalized block against x's rank (when known) and returns
+// the shape of gamma/beta and of mean/rstd.
+Status NormShapes(InferenceContext* c, ShapeHandle x, ShapeHandle* norm, ShapeHandle* stats,
+                  bool* rank_known) {
+  int64_t begin, num;
+  TF_RETURN_IF_ERROR(c->GetAttr("begin_norm_axis", &begin));
+  TF_RETURN_IF_ERROR(c->GetAttr("num_norm_axes", &num));
+  if (num < 1) {
+    return tensorflow::errors::InvalidArgument("num_norm_axes must be >= 1, got ", num);
+  }
+  *rank_known = c->RankKnown(x);
+  if (!*rank_known) {
+    *norm = c->UnknownShapeOfRank(num);
+    *stats = c->UnknownShape();
+    return Status();
+  }
+  const int64_t rank = c->Rank(x);
+  const int64_t b = begin < 0 ? begin + rank : begin;
+  if (b < 0 || b + num > rank) {
+    return tensorflow::errors::InvalidArgument(
+        "normalized axes [", begin, ", ", begin, " + ", num, ") are out of range for x of rank ",
+        rank, " (shape ", c->DebugString(x), ")");
+  }
+  ShapeHandle before, after;
+  TF_RETURN_IF_ERROR(c->Subshape(x, 0, b, &before));
+  TF_RETURN_IF_ERROR(c->Subshape(x, b, b + num, norm));
+  TF_RETURN_IF_ERROR(c->Subshape(x, b + num, rank, &after));
+  std::vector<DimensionHandle> ones(num, c->MakeDim(1));
+  ShapeHandle tmp;
+  TF_RETURN_IF_ERROR(c->Concatenate(before, c->MakeShape(ones), &tmp));
+  TF_RETURN_IF_ERROR(c->Concatenate(tmp, after, stats));
+  return Status();
+}
+
+// A parameter must have the normalized dims' shape, or be empty when its
+// switch (scale/center) is off.
+Status CheckParam(InferenceContext* c, const char* name, ShapeHandle param, ShapeHandle norm,
+                  ShapeHandle x, bool used) {
+  if (!c->RankKnown(param)) return Status();
+  if (!used) {
+    const int64_t n = c->Value(c->NumElements(param));
+    if (n != InferenceContext::kUnknownDim && n != 0) {
+      return tensorflow::errors::InvalidArgument(
+          name, " has shape ", c->DebugString(param), " but must be empty (e.g. shape [0]) when ",
+          std::string(name) == "gamma" ? "scale" : "center", " is false");
+    }
+    return Status();
+  }
+  ShapeHandle merged;
+  if (!c->Merge(param, norm, &merged).ok()) {
+    return tensorflow::errors::InvalidArgument(
+        name, " has shape ", c->DebugString(param), ", expected ", c->DebugString(norm),
+        " (the normalized dims of x with shape ", c->DebugString(x), ")");
+  }
+  return Status();
+}
+
+Status CheckEpsilon(InferenceContext* c) {
+  float eps;
+  TF_RETURN_IF_ERROR(c->GetAttr("epsilon", &eps));
+  if (!(eps >= 0.0f) || !std::isfinite(eps)) {
+    return tensorflow::errors::InvalidArgument("epsilon must be finite and >= 0, got ", eps);
+  }
+  return Status();
+}
+
+Status ForwardShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckTypes(c));
+  TF_RETURN_IF_ERROR(CheckEpsilon(c));
+  bool scale, center, rank_known;
+  TF_RETURN_IF_ERROR(c->GetAttr("scale", &scale));
+  TF_RETURN_IF_ERROR(c->GetAttr("center", &center));
+  ShapeHandle x = c->input(0), norm, stats;
+  TF_RETURN_IF_ERROR(NormShapes(c, x, &norm, &stats, &rank_known));
+  TF_RETURN_IF_ERROR(CheckParam(c, "gamma", c->input(1), norm, x, scale));
+  TF_RETURN_IF_ERROR(CheckParam(c, "beta", c->input(2), norm, x, center));
+  c->set_output(0, x);
+  c->set_output(1, stats);
+  c->set_output(2, stats);
+  return Status();
+}
+
+Status BackwardShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckTypes(c));
+  bool scale, center, rank_known;
+  TF_RETURN_IF_ERROR(c->GetAttr("scale", &scale));
+  TF_RETURN_IF_ERROR(c->GetAttr("center", &center));
+  ShapeHandle x;
+  if (!c->Merge(c->input(0), c->input(1), &x).ok()) {
+    return tensorflow::errors::InvalidArgument("dy has shape ", c->DebugString(c->input(0)),
+                                               " but x has shape ", c->DebugString(c->input(1)),
+                                               "; expected equal shapes");
+  }
+  ShapeHandle norm, stats;
+  TF_RETURN_IF_ERROR(NormShapes(c, x, &norm, &stats, &rank_known));
+  TF_RETURN_IF_ERROR(CheckParam(c, "gamma", c->input(2), norm, x, scale));
+  for (int i : {3, 4}) {
+    ShapeHandle unused;
+    if (!c->Merge(c->input(i), stats, &unused).ok()) {
+      return tensorflow::errors::InvalidArgument(
+          i == 3 ? "mean" : "rstd", " has shape ", c->DebugString(c->input(i)), ", expected ",
+          c->DebugString(stats), " (x's shape with the normalized dims set to 1)");
+    }
+  }
+  ShapeHandle empty = c->MakeShape({0});
+  c->set_output(0, x);
+  c->set_output(1, scale ? norm : empty);
+  c->set_output(2, center ? norm : empty);
+  return Status();
+}
+
+}  // namespace
+
+REGISTER_OP("TfLayernorm>LayerNorm")
+    .Input("x: T")
+    .Input("gamma: U")
+    .Input("beta: U")
+    .Output("y: T")
+    .Output("mean: S")
+    .Output("rstd: S")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {half, bfloat16, float, double}")
+    .Attr("S: {float, double} = DT_FLOAT")
+    .Attr("epsilon: float = 1e-5")
+    .Attr("begin_norm_axis: int = -1")
+    .Attr("num_norm_axes: int = 1")
+    .Attr("scale: bool = true")
+    .Attr("center: bool = true")
+    .SetShapeFn(ForwardShape)
+    .Doc(R"doc(
+Fused Layer Normalization over a contiguous block of axes of x.
+
+y = (x - mean) / sqrt(var + epsilon) * gamma + beta, with mean and var taken
+over axes [begin_norm_axis, begin_norm_axis + num_norm_axes) in float32
+(float64 when x is float64).
+
+x: the input.
+gamma: the scale, shaped like the normalized dims; empty when scale=false.
+beta: the offset, shaped like the normalized dims; empty when center=false.
+y: the normalized x, in x's dtype.
+mean: per-row mean, x's shape with the normalized dims set to 1.
+rstd: per-row 1 / sqrt(var + epsilon), same shape as mean.
+)doc");
+
+REGISTER_OP("TfLayernorm>LayerNormGrad")
+    .Input("dy: T")
+    .Input("x: T")
+    .Input("gamma: U")
+    .Input("mean: S")
+    .Input("rstd: S")
+    .Output("dx: T")
+    .Output("dgamma: U")
+    .Output("dbeta: U")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {half, bfloat16, float, double}")
+    .Attr("S: {float, double} = DT_FLOAT")
+    .Attr("begin_norm_axis: int = -1")
+    .Attr("num_norm_axes: int = 1")
+    .Attr("scale: bool = true")
+    .Attr("center: bool = true")
+    .SetShapeFn(BackwardShape)
+    .Doc(R"doc(
+Gradient of TfLayernorm>LayerNorm with respect to x, gamma and beta.
+
+dx in x's dtype; dgamma and dbeta summed over every non-normalized axis, shaped
+like the normalized dims (shape [0] when scale/center is false).
+)doc");
+
+}  // namespace tf_layernorm
