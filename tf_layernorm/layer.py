@@ -1,0 +1,119 @@
+"""The Keras layer. It holds weights and configuration; the math is in ops."""
+import keras
+import tensorflow as tf
+
+from tf_layernorm import ops
+
+
+@keras.saving.register_keras_serializable(package="tf_layernorm")
+class LayerNorm(keras.layers.Layer):
+    """Layer normalization on a fused kernel; a drop-in for
+    `keras.layers.LayerNormalization` with the seeds' API (MXNet
+    `gluon.nn.LayerNorm`, apex `FusedLayerNorm`).
+
+    Args:
+      axis: int or list/tuple of ints: the axes to normalize over (e.g. -1,
+        [-2, -1], or 1 for the channel axis of (N, C, L)).
+      epsilon: added to the variance. Defaults to 1e-5 as in MXNet, apex and
+        PyTorch; pass 1e-3 to reproduce `keras.layers.LayerNormalization`.
+      center: add the learned offset `beta`.
+      scale: multiply by the learned scale `gamma`.
+      beta_initializer, gamma_initializer: initializers of the weights.
+      beta_regularizer, gamma_regularizer: optional regularizers.
+      beta_constraint, gamma_constraint: optional constraints.
+      in_channels: if > 0, the size of the (single) normalized axis; the
+        weights are then created at construction instead of at first call.
+      **kwargs: base layer arguments (`name`, `dtype`, `trainable`, ...).
+    """
+
+    def __init__(self, axis=-1, epsilon=1e-5, center=True, scale=True,
+                 beta_initializer="zeros", gamma_initializer="ones", beta_regularizer=None,
+                 gamma_regularizer=None, beta_constraint=None, gamma_constraint=None,
+                 in_channels=0, **kwargs):
+        super().__init__(**kwargs)
+        ops._check_axis_type(axis)
+        self.axis = list(axis) if isinstance(axis, (list, tuple)) else axis
+        self.epsilon = epsilon
+        self.center = center
+        self.scale = scale
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+        self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 0:
+            raise ValueError(f"in_channels must be an int >= 0, got {in_channels!r}")
+        self.in_channels = in_channels
+        self.supports_masking = True
+        # Like keras.layers.LayerNormalization: inputs keep their dtype (a
+        # float16 x runs the fused kernel with float32 gamma/beta).
+        self.autocast = False
+        self.gamma = None
+        self.beta = None
+        if in_channels:
+            if len(self._axes_list()) != 1:
+                raise ValueError(
+                    f"in_channels={in_channels} gives the size of one normalized axis, but "
+                    f"axis={axis!r} names {len(self._axes_list())}")
+            self._create_weights((in_channels,))
+            self.built = True
+
+    def _axes_list(self):
+        return [self.axis] if isinstance(self.axis, int) else list(self.axis)
+
+    def _create_weights(self, shape):
+        if self.scale:
+            self.gamma = self.add_weight(
+                name="gamma", shape=shape, initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint,
+                trainable=True, autocast=False)
+        if self.center:
+            self.beta = self.add_weight(
+                name="beta", shape=shape, initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer, constraint=self.beta_constraint,
+                trainable=True, autocast=False)
+
+    def build(self, input_shape):
+        axes = ops._normalize_axes(self.axis, len(input_shape))
+        shape = tuple(input_shape[a] for a in axes)
+        if any(d is None for d in shape):
+            raise ValueError(
+                f"LayerNorm needs the normalized dims to be known: axis={self.axis!r} of "
+                f"input shape {tuple(input_shape)} gives {shape}")
+        self._create_weights(shape)
+
+    def call(self, inputs):
+        if self.in_channels:
+            axes = ops._normalize_axes(self.axis, inputs.shape.rank)
+            got = inputs.shape[axes[0]]
+            if got is not None and got != self.in_channels:
+                raise ValueError(
+                    f"LayerNorm was built with in_channels={self.in_channels}, but axis "
+                    f"{self.axis} of the input (shape {tuple(inputs.shape)}) has size {got}")
+        outputs = ops.layer_norm(inputs, self.gamma, self.beta, axis=self.axis,
+                                 epsilon=self.epsilon)
+        if outputs.dtype != self.compute_dtype:
+            outputs = tf.cast(outputs, self.compute_dtype)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        ops._normalize_axes(self.axis, len(input_shape))
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "axis": self.axis,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": keras.initializers.serialize(self.beta_initializer),
+            "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
+            "beta_regularizer": keras.regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": keras.regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": keras.constraints.serialize(self.beta_constraint),
+            "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
+            "in_channels": self.in_channels,
+        })
+        return config

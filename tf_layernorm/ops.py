@@ -1,0 +1,268 @@
+"""Loading of the op library, the functional API and the registered gradient."""
+import json
+import math
+import os
+import threading
+
+import tensorflow as tf
+from tensorflow.python.framework import tensor_util
+
+_LIBRARY_NAME = "_layer_norm_ops.so"
+_BUILD_INFO_NAME = "_build_info.json"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+LAYER_NORM_OP = "TfLayernorm>LayerNorm"
+LAYER_NORM_GRAD_OP = "TfLayernorm>LayerNormGrad"
+
+_HALF_DTYPES = (tf.float16, tf.bfloat16)
+_SUPPORTED_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+_lock = threading.Lock()
+_module = None
+
+
+def _read_build_info():
+    path = os.path.join(_PACKAGE_DIR, _BUILD_INFO_NAME)
+    if not os.path.exists(path):
+        raise ImportError(
+            f"tf_layernorm: {path} is missing, so the op library was never built for this "
+            "checkout. Build and install the wheel with ./scripts/setup.sh (or "
+            "python configure.py && bazel build //:build_pip_pkg && ./build_pip_pkg.sh dist)."
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_tf_version(info):
+    built = info["tf_version"]
+    running = tf.__version__
+    if built.split(".")[:2] != running.split(".")[:2]:
+        raise ImportError(
+            f"tf_layernorm was built against TensorFlow {built} but TensorFlow {running} is "
+            "running; custom ops only load in the TensorFlow major.minor they were compiled for. "
+            "Rebuild it against this TensorFlow: python configure.py && "
+            "bazel build //:build_pip_pkg && ./build_pip_pkg.sh dist && pip install dist/*.whl"
+        )
+
+
+def load_ops():
+    """Loads the op library once (thread-safe) and returns its generated module.
+
+    Importing tf_layernorm calls this; calling it again is free. It must have
+    run in a process before a SavedModel that uses the ops is loaded.
+    """
+    global _module
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is None:
+            _check_tf_version(_read_build_info())
+            _module = tf.load_op_library(os.path.join(_PACKAGE_DIR, _LIBRARY_NAME))
+    return _module
+
+
+def build_info():
+    """What the loaded library was built with: TF version, CUDA, archs, path."""
+    info = dict(_read_build_info())
+    info["library"] = os.path.join(_PACKAGE_DIR, _LIBRARY_NAME)
+    return info
+
+
+# --------------------------------------------------------------------- axes --
+
+def _check_axis_type(axis):
+    """Returns axis as a list of ints, or raises TypeError/ValueError."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, list, tuple)):
+        raise TypeError(
+            f"axis must be an int or a list/tuple of ints, got {axis!r} of type "
+            f"{type(axis).__name__}")
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(f"axis must be an int or a list/tuple of ints, got {axis!r}")
+    if not axes:
+        raise ValueError("axis must name at least one axis, got an empty list")
+    return axes
+
+
+def _normalize_axes(axis, rank):
+    """Returns sorted axes (non-negative when rank is known) or raises.
+
+    With rank unknown, only negative axes are accepted (they are resolved by
+    the kernel at run time).
+    """
+    axes = _check_axis_type(axis)
+    if rank is None:
+        if any(a >= 0 for a in axes):
+            raise ValueError(
+                f"axis={axis!r} needs x to have a known rank; use negative axes (counted "
+                "from the end) for inputs of unknown rank")
+        resolved = sorted(axes)
+    else:
+        for a in axes:
+            if not -rank <= a < rank:
+                raise ValueError(f"axis {a} is out of range for x of rank {rank} (axis={axis!r})")
+        resolved = sorted(a % rank for a in axes)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"axis={axis!r} names the same axis twice")
+    return resolved
+
+
+def _is_contiguous(axes):
+    return axes == list(range(axes[0], axes[0] + len(axes)))
+
+
+# ------------------------------------------------------------------- dtypes --
+
+def _check_x(x):
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(
+            f"layer_norm expects a floating-point x (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype.name}")
+
+
+def _param_dtype(x_dtype, param):
+    """The dtype gamma/beta are passed in: their own where the kernels take it
+    (x's dtype, or float32 for half-precision x), else x's dtype (as Keras casts)."""
+    if param.dtype == x_dtype or (x_dtype in _HALF_DTYPES and param.dtype == tf.float32):
+        return param.dtype
+    return tf.float32 if x_dtype in _HALF_DTYPES else x_dtype
+
+
+def _prepare_param(name, param, x, axes):
+    param = tf.convert_to_tensor(param)
+    if not param.dtype.is_floating:
+        raise TypeError(f"{name} must be floating-point, got {param.dtype.name}")
+    expected = tuple(x.shape[a] for a in axes) if x.shape.rank is not None else None
+    if expected is not None and param.shape.rank is not None:
+        if param.shape.rank != len(expected) or any(
+                e is not None and p is not None and e != p
+                for e, p in zip(expected, param.shape.as_list())):
+            raise ValueError(
+                f"{name} has shape {tuple(param.shape.as_list())}, expected {expected} "
+                f"(the normalized dims of x with shape {tuple(x.shape.as_list())})")
+    return param
+
+
+# --------------------------------------------------------------- functional --
+
+def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5, name=None):
+    """Layer normalization of x over `axis`, fused in one kernel.
+
+    y = (x - mean) / sqrt(var + epsilon) * gamma + beta, with mean and var over
+    `axis` computed in float32 (float64 for float64 x), y in x's dtype.
+
+    Args:
+      x: a float16, bfloat16, float32 or float64 tensor.
+      gamma: scale of shape `tuple(x.shape[a] for a in sorted(axes))`, or None.
+      beta: offset of the same shape, or None.
+      axis: int or list/tuple of ints, the axes to normalize over. Contiguous
+        axes run the fused kernel directly; others are transposed to the end.
+      epsilon: added to the variance; finite and >= 0.
+
+    Differentiable with respect to x, gamma and beta.
+    """
+    with tf.name_scope(name or "layer_norm"):
+        x = tf.convert_to_tensor(x)
+        _check_x(x)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+            raise TypeError(f"epsilon must be a float, got {epsilon!r}")
+        if not (math.isfinite(epsilon) and epsilon >= 0):
+            raise ValueError(f"epsilon must be finite and >= 0, got {epsilon!r}")
+        rank = x.shape.rank
+        axes = _normalize_axes(axis, rank)
+
+        params = {}
+        for pname, p in (("gamma", gamma), ("beta", beta)):
+            if p is not None:
+                params[pname] = _prepare_param(pname, p, x, axes)
+        if "gamma" in params and "beta" in params and params["gamma"].dtype != params["beta"].dtype:
+            raise TypeError(
+                f"gamma and beta must share a dtype, got {params['gamma'].dtype.name} and "
+                f"{params['beta'].dtype.name}")
+        param_dtype = x.dtype
+        if params:
+            param_dtype = _param_dtype(x.dtype, next(iter(params.values())))
+        for k in params:
+            params[k] = tf.cast(params[k], param_dtype)
+        empty = tf.zeros([0], dtype=param_dtype)
+        g = params.get("gamma", empty)
+        b = params.get("beta", empty)
+
+        if rank is None or _is_contiguous(axes):
+            y, _, _ = _fused(x, g, b, axes[0], len(axes), float(epsilon),
+                             "gamma" in params, "beta" in params)
+            return y
+        # Non-contiguous axes: move them to the end (in sorted order, which is
+        # the order of gamma's dims), normalize, move back.
+        others = [d for d in range(rank) if d not in axes]
+        perm = others + axes
+        inverse = [perm.index(d) for d in range(rank)]
+        xt = tf.transpose(x, perm)
+        y, _, _ = _fused(xt, g, b, rank - len(axes), len(axes), float(epsilon),
+                         "gamma" in params, "beta" in params)
+        return tf.transpose(y, inverse)
+
+
+def _stats_dtype(x_dtype):
+    return tf.float64 if x_dtype == tf.float64 else tf.float32
+
+
+def _fused(x, gamma, beta, begin, num, epsilon, scale, center):
+    return load_ops().tf_layernorm_layer_norm(
+        x, gamma, beta, S=_stats_dtype(x.dtype), epsilon=epsilon, begin_norm_axis=begin,
+        num_norm_axes=num, scale=scale, center=center)
+
+
+# ----------------------------------------------------------------- gradient --
+
+def _is_known_zero(t):
+    """True when an incoming gradient is None or a materialized zero.
+
+    Gradient tapes hand zeros (not None) to a gradient function for outputs
+    nobody used (here: mean and rstd). Recognizing them keeps the backward to
+    the single fused op.
+    """
+    if t is None:
+        return True
+    if tf.executing_eagerly():
+        return not bool(tf.reduce_any(tf.not_equal(t, 0)))
+    op = t.op
+    if op.type in ("ZerosLike", "OnesLike"):
+        return op.type == "ZerosLike"
+    if op.type == "Fill":
+        value = tensor_util.constant_value(op.inputs[1])
+        return value is not None and not value.any()
+    value = tensor_util.constant_value(t)
+    return value is not None and not value.any()
+
+
+@tf.RegisterGradient(LAYER_NORM_OP)
+def _layer_norm_grad(op, dy, dmean, drstd):
+    x, gamma, _ = op.inputs
+    _, mean, rstd = op.outputs
+    scale = op.get_attr("scale")
+    center = op.get_attr("center")
+    begin = op.get_attr("begin_norm_axis")
+    num = op.get_attr("num_norm_axes")
+    if dy is None:
+        dy = tf.zeros_like(x)
+    dx, dgamma, dbeta = load_ops().tf_layernorm_layer_norm_grad(
+        dy, x, gamma, mean, rstd, begin_norm_axis=begin,
+        num_norm_axes=num, scale=scale, center=center)
+    if not (_is_known_zero(dmean) and _is_known_zero(drstd)):
+        # mean and rstd are outputs too; if someone differentiates through
+        # them, add their exact contribution (composite, off the common path).
+        s = mean.dtype
+        rank = tf.rank(x)
+        b = begin if begin >= 0 else begin + rank
+        d = tf.cast(tf.reduce_prod(tf.shape(x)[b:b + num]), s)
+        extra = tf.zeros_like(mean)
+        if dmean is not None:
+            extra = extra + dmean / d
+        xs = tf.cast(x, s)
+        contrib = extra
+        if drstd is not None:
+            contrib = contrib - drstd * rstd * rstd * rstd * (xs - mean) / d
+        dx = dx + tf.cast(contrib, dx.dtype)
+    return dx, (dgamma if scale else None), (dbeta if center else None)
