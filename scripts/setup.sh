@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Sets up everything on a fresh machine, idempotently, reusing what is built:
+#   1. Bazel (Debian's bazel-bootstrap + bazel-rules-java) if no bazel is on PATH;
+#   2. a virtualenv .venv with the pinned TensorFlow/Keras (requirements*.txt);
+#   3. python configure.py (writes .bazelrc from tf.sysconfig);
+#   4. bazel build of the op library, the platform wheel in dist/, installed in .venv.
+# Usage: scripts/setup.sh [--test]   (--test also installs the test requirements)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+WITH_TEST=0
+[[ "${1:-}" == "--test" ]] && WITH_TEST=1
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+SUDO=""
+[[ "$(id -u)" != 0 ]] && command -v sudo >/dev/null && SUDO="sudo"
+
+# 1. Bazel --------------------------------------------------------------------
+if ! command -v "${BAZEL:-bazel}" >/dev/null; then
+  log "installing Bazel (Debian bazel-bootstrap, bazel-rules-java)"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q bazel-bootstrap bazel-rules-java
+elif [[ ! -d /usr/share/bazel/rules/java ]] && "${BAZEL:-bazel}" --version 2>/dev/null | grep -q no_version; then
+  log "installing bazel-rules-java (Debian Bazel builds offline with it)"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q bazel-rules-java
+fi
+
+# 2. Python environment -------------------------------------------------------
+PY="${PYTHON:-python3}"
+if [[ ! -x .venv/bin/python ]]; then
+  log "creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+REQ_FILES=(requirements.txt)
+(( WITH_TEST )) && REQ_FILES+=(requirements-test.txt)
+REQS=()
+for f in "${REQ_FILES[@]}"; do REQS+=(-r "$f"); done
+# Reinstall only when the pins (or TF_PACKAGE) change.
+STAMP=".venv/.installed-$( (cat "${REQ_FILES[@]}"; echo "${TF_PACKAGE:-}") | sha256sum | cut -c1-16)"
+if [[ ! -f "$STAMP" ]]; then
+  log "installing pinned requirements"
+  .venv/bin/python -m pip install -q --upgrade pip
+  if [[ -n "${TF_PACKAGE:-}" ]]; then
+    .venv/bin/python -m pip install -q "$TF_PACKAGE" $(grep -v -E '^(#|tensorflow)' requirements.txt)
+    (( WITH_TEST )) && .venv/bin/python -m pip install -q -r requirements-test.txt
+  else
+    .venv/bin/python -m pip install -q "${REQS[@]}"
+  fi
+  touch "$STAMP"
+fi
+
+# 3. Configure ----------------------------------------------------------------
+.venv/bin/python configure.py
+
+# 4. Build, package, install --------------------------------------------------
+log "bazel build //:build_pip_pkg"
+"${BAZEL:-bazel}" build //:build_pip_pkg
+rm -f dist/tf_layernorm-*.whl
+PYTHON_BIN_PATH="$ROOT/.venv/bin/python" bazel-bin/build_pip_pkg dist
+.venv/bin/python -m pip install -q --force-reinstall --no-deps dist/tf_layernorm-*.whl
+log "installed $(ls dist/tf_layernorm-*.whl) into .venv"
