@@ -314,12 +314,14 @@ def test_mask_propagates_in_functional_model():
     y = model(x)
     np.testing.assert_array_equal(np.asarray(y._keras_mask), expected)
 
-    # A downstream RNN uses the mask: padded steps do not change its output.
-    rnn_model = keras.Model(inp, keras.layers.SimpleRNN(3, seed=0)(out))
-    y_full = rnn_model(x).numpy()
-    x2 = x.copy()
-    x2[0, 3] = 0.0
-    np.testing.assert_allclose(rnn_model(x2).numpy(), y_full, rtol=1e-6)
+    # A downstream RNN uses the mask: sample 0 (last step masked) gives what
+    # the RNN gives on its first three steps alone.
+    inp2 = keras.Input((None, 6))
+    rnn = keras.layers.SimpleRNN(3, seed=0)
+    rnn_model = keras.Model(inp2, rnn(LayerNorm()(keras.layers.Masking(0.0)(inp2))))
+    y_masked = rnn_model(x).numpy()
+    y_short = rnn_model(x[:1, :3]).numpy()
+    np.testing.assert_allclose(y_masked[:1], y_short, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ config --
@@ -420,6 +422,17 @@ def test_float16_input_gives_float32_output():
     assert y.dtype == tf.float32
     np.testing.assert_allclose(y.numpy(), _ref_layer_norm(x16, gamma, beta, -1, 1e-5),
                                rtol=1e-2, atol=1e-2)
+
+
+def test_mixed_float16_policy_matches_keras():
+    x = _rand((4, 6, 8), 0, scale=2.0)
+    ours = LayerNorm(epsilon=1e-3, dtype="mixed_float16")
+    ref = keras.layers.LayerNormalization(epsilon=1e-3, dtype="mixed_float16")
+    y, y_ref = ours(x), ref(x)
+    assert ours.gamma.dtype == "float32"  # variables stay float32
+    assert y.dtype == tf.float16
+    np.testing.assert_allclose(y.numpy().astype(np.float32), y_ref.numpy().astype(np.float32),
+                               atol=5e-3)
 
 
 # ---------------------------------------------------------------- training --
