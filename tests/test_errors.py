@@ -1,0 +1,334 @@
+"""Bad inputs give clear errors (saying what was expected), never crashes."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_layernorm import layer_norm, load_ops
+
+# Errors from a shape function surface as ValueError while a tf.function is
+# traced, and kernel checks as InvalidArgumentError when it runs (or eagerly).
+GRAPH_OR_KERNEL = (ValueError, tf.errors.InvalidArgumentError)
+
+
+def _x(shape=(3, 4), dtype=tf.float32):
+    return tf.constant(np.random.default_rng(0).standard_normal(shape), dtype)
+
+
+def _ops():
+    return load_ops()
+
+
+def _run(mode, fn):
+    """Calls fn eagerly or inside a tf.function (traced with its constants)."""
+    if mode == "eager":
+        return fn()
+    return tf.function(fn, autograph=False)()
+
+
+MODES = ["eager", "function"]
+
+# ----------------------------------------------------------- functional API --
+
+
+@pytest.mark.parametrize("shape,axis,gshape", [
+    ((3, 4), -1, (5,)),
+    ((3, 4), -1, (1, 4)),
+    ((2, 3, 4), [-2, -1], (4, 3)),
+    ((2, 3, 4), [0, 2], (2, 3)),
+    ((2, 3, 4), 1, (4,)),
+], ids=["wrong-size", "wrong-rank", "trailing-swapped", "noncontig", "channel"])
+@pytest.mark.parametrize("param", ["gamma", "beta"])
+def test_wrong_param_shape(shape, axis, gshape, param):
+    kwargs = {param: tf.ones(gshape)}
+    with pytest.raises(ValueError, match=rf"{param} has shape .*expected"):
+        layer_norm(_x(shape), axis=axis, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [tf.int32, tf.int64, tf.bool, tf.complex64, tf.string])
+def test_non_float_x(dtype):
+    x = tf.zeros([2, 3], dtype) if dtype != tf.string else tf.constant([["a"] * 3] * 2)
+    with pytest.raises(TypeError, match="floating-point x"):
+        layer_norm(x)
+
+
+def test_integer_gamma():
+    with pytest.raises(TypeError, match="gamma must be floating-point"):
+        layer_norm(_x(), gamma=tf.ones([4], tf.int32))
+
+
+def test_gamma_and_beta_dtype_mismatch():
+    with pytest.raises(TypeError, match="gamma and beta must share a dtype"):
+        layer_norm(_x(), gamma=tf.ones([4]), beta=tf.ones([4], tf.float64))
+
+
+@pytest.mark.parametrize("eps", [-1e-5, -1.0, float("nan"), float("inf"), -float("inf")],
+                         ids=["neg-small", "neg", "nan", "inf", "neg-inf"])
+def test_bad_epsilon_value(eps):
+    with pytest.raises(ValueError, match="epsilon must be finite and >= 0"):
+        layer_norm(_x(), epsilon=eps)
+
+
+@pytest.mark.parametrize("eps", ["1e-5", None, True, [1e-5], np.array([1e-5])],
+                         ids=["str", "None", "bool", "list", "array"])
+def test_bad_epsilon_type(eps):
+    with pytest.raises(TypeError, match="epsilon must be a float"):
+        layer_norm(_x(), epsilon=eps)
+
+
+def test_epsilon_overflowing_float32_is_rejected():
+    # Finite in Python but infinite once stored in the op's float32 attr.
+    with pytest.raises(GRAPH_OR_KERNEL, match="epsilon must be finite and >= 0"):
+        layer_norm(_x(), epsilon=1e300)
+
+
+@pytest.mark.parametrize("axis", ["-1", 1.0, None, True, [1.0], [True], (0, "1"), {1}],
+                         ids=["str", "float", "None", "bool", "list-float", "list-bool",
+                              "tuple-str", "set"])
+def test_axis_wrong_type(axis):
+    with pytest.raises(TypeError, match="axis must be an int or a list/tuple of ints"):
+        layer_norm(_x(), axis=axis)
+
+
+@pytest.mark.parametrize("axis", [2, -3, [0, 2], [-3, -1], 100])
+def test_axis_out_of_range(axis):
+    with pytest.raises(ValueError, match="out of range for x of rank 2"):
+        layer_norm(_x(), axis=axis)
+
+
+@pytest.mark.parametrize("axis", [[1, 1], [1, -1], (0, -2, 1)])
+def test_axis_duplicated(axis):
+    with pytest.raises(ValueError, match="names the same axis twice"):
+        layer_norm(_x(), axis=axis)
+
+
+def test_axis_empty():
+    with pytest.raises(ValueError, match="at least one axis"):
+        layer_norm(_x(), axis=[])
+
+
+def test_positive_axis_needs_known_rank():
+    fn = tf.function(lambda x: layer_norm(x, axis=1),
+                     input_signature=[tf.TensorSpec(None, tf.float32)])
+    with pytest.raises(ValueError, match="needs x to have a known rank"):
+        fn.get_concrete_function()
+
+
+def test_unknown_shapes_wrong_gamma_reaches_kernel_check():
+    fn = tf.function(lambda x, g: layer_norm(x, g),
+                     input_signature=[tf.TensorSpec(None, tf.float32),
+                                      tf.TensorSpec(None, tf.float32)])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"gamma has shape \[5\], expected \[4\]"):
+        fn(_x(), tf.ones([5]))
+
+
+# ------------------------------------------------------------------ raw op --
+
+
+@pytest.mark.parametrize("param", ["gamma", "beta"])
+@pytest.mark.parametrize("bad", [(5,), (2, 2), (4, 1)])
+def test_raw_op_param_shape_mismatch_unknown_shapes(param, bad):
+    """Shapes unknown at trace time: the kernel's runtime check must fire."""
+    fn = tf.function(lambda x, g, b: _ops().tf_layernorm_layer_norm(x, g, b),
+                     input_signature=[tf.TensorSpec(None, tf.float32)] * 3)
+    g = tf.ones(bad) if param == "gamma" else tf.ones([4])
+    b = tf.ones(bad) if param == "beta" else tf.ones([4])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"{param} has shape \[.*\], expected \[4\]"):
+        fn(_x(), g, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_raw_op_param_shape_mismatch_known_shapes(mode):
+    with pytest.raises(GRAPH_OR_KERNEL, match=r"gamma has shape \[5\], expected \[4\]"):
+        _run(mode, lambda: _ops().tf_layernorm_layer_norm(_x(), tf.ones([5]), tf.ones([4])))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("flag", ["scale", "center"])
+def test_raw_op_disabled_param_must_be_empty(flag, mode):
+    name = "gamma" if flag == "scale" else "beta"
+    with pytest.raises(GRAPH_OR_KERNEL,
+                       match=rf"{name} has shape \[4\] but must be empty .*when {flag} is false"):
+        _run(mode, lambda: _ops().tf_layernorm_layer_norm(
+            _x(), tf.ones([4]), tf.ones([4]), **{flag: False}))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("begin,num", [(2, 1), (-3, 1), (-1, 2), (1, 2), (5, 1)])
+def test_raw_op_axes_out_of_range(begin, num, mode):
+    with pytest.raises(GRAPH_OR_KERNEL, match="are out of range for x of rank 2"):
+        _run(mode, lambda: _ops().tf_layernorm_layer_norm(
+            _x(), tf.zeros([0]), tf.zeros([0]), begin_norm_axis=begin, num_norm_axes=num,
+            scale=False, center=False))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("num", [0, -1])
+def test_raw_op_num_norm_axes_must_be_positive(num, mode):
+    with pytest.raises(GRAPH_OR_KERNEL, match=rf"num_norm_axes must be >= 1, got {num}"):
+        _run(mode, lambda: _ops().tf_layernorm_layer_norm(
+            _x(), tf.zeros([0]), tf.zeros([0]), num_norm_axes=num, scale=False, center=False))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_raw_grad_op_num_norm_axes_must_be_positive(mode):
+    x = _x()
+    with pytest.raises(GRAPH_OR_KERNEL, match="num_norm_axes must be >= 1, got 0"):
+        _run(mode, lambda: _ops().tf_layernorm_layer_norm_grad(
+            x, x, tf.ones([4]), tf.zeros([3, 1]), tf.ones([3, 1]), num_norm_axes=0))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf")], ids=["neg", "nan", "inf"])
+def test_raw_op_bad_epsilon_attr(eps, mode):
+    with pytest.raises(GRAPH_OR_KERNEL, match="epsilon must be finite and >= 0"):
+        _run(mode, lambda: _ops().tf_layernorm_layer_norm(
+            _x(), tf.ones([4]), tf.ones([4]), epsilon=eps))
+
+
+def _stats(x, **kw):
+    _, mean, rstd = _ops().tf_layernorm_layer_norm(x, tf.ones([4]), tf.ones([4]), **kw)
+    return mean, rstd
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_raw_grad_op_dy_x_shape_mismatch(mode):
+    x = _x()
+    mean, rstd = _stats(x)
+    with pytest.raises(GRAPH_OR_KERNEL,
+                       match=r"dy has shape \[3,5\] but x has shape \[3,4\]; expected equal"):
+        _run(mode, lambda: _ops().tf_layernorm_layer_norm_grad(
+            tf.ones([3, 5]), x, tf.ones([4]), mean, rstd))
+
+
+def test_raw_grad_op_dy_x_shape_mismatch_unknown_shapes():
+    fn = tf.function(lambda dy, x, g, m, r: _ops().tf_layernorm_layer_norm_grad(dy, x, g, m, r),
+                     input_signature=[tf.TensorSpec(None, tf.float32)] * 5)
+    x = _x()
+    mean, rstd = _stats(x)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"dy has shape \[4,3\] but x has shape \[3,4\]; expected equal"):
+        fn(tf.ones([4, 3]), x, tf.ones([4]), mean, rstd)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("which", ["mean", "rstd"])
+@pytest.mark.parametrize("bad", [(3,), (1, 3), (3, 4), (3, 1, 1)])
+def test_raw_grad_op_wrong_stats_shape(bad, which, mode):
+    x = _x()
+    mean, rstd = _stats(x)
+    if which == "mean":
+        mean = tf.zeros(bad)
+    else:
+        rstd = tf.ones(bad)
+    with pytest.raises(GRAPH_OR_KERNEL,
+                       match=rf"{which} has shape \[.*\], expected \[3,1\] \(x's shape with"):
+        _run(mode, lambda: _ops().tf_layernorm_layer_norm_grad(x, x, tf.ones([4]), mean, rstd))
+
+
+def test_raw_grad_op_wrong_stats_shape_unknown_shapes():
+    fn = tf.function(lambda dy, x, g, m, r: _ops().tf_layernorm_layer_norm_grad(dy, x, g, m, r),
+                     input_signature=[tf.TensorSpec(None, tf.float32)] * 5)
+    x = _x()
+    mean, rstd = _stats(x)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"mean has shape \[1,3\], expected"):
+        fn(x, x, tf.ones([4]), tf.zeros([1, 3]), rstd)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_raw_grad_op_wrong_gamma_shape(mode):
+    x = _x()
+    mean, rstd = _stats(x)
+    with pytest.raises(GRAPH_OR_KERNEL, match=r"gamma has shape \[3\], expected \[4\]"):
+        _run(mode, lambda: _ops().tf_layernorm_layer_norm_grad(x, x, tf.ones([3]), mean, rstd))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_raw_grad_op_disabled_gamma_must_be_empty(mode):
+    x = _x()
+    mean, rstd = _stats(x)
+    with pytest.raises(GRAPH_OR_KERNEL, match="gamma has shape \\[4\\] but must be empty"):
+        _run(mode, lambda: _ops().tf_layernorm_layer_norm_grad(
+            x, x, tf.ones([4]), mean, rstd, scale=False))
+
+
+# Unsupported dtype combinations. Inside a tf.function the shape function
+# explains what was expected; eagerly TensorFlow finds no registered kernel and
+# lists the registered ones (a NotFoundError), which never runs any kernel.
+
+DTYPE_COMBOS = [
+    # (x dtype, gamma dtype, S, message of the shape function)
+    (tf.float32, tf.float32, tf.float64,
+     r"statistics dtype S is double but must be float for x of dtype float"),
+    (tf.float64, tf.float64, tf.float32,
+     r"statistics dtype S is float but must be double for x of dtype double"),
+    (tf.float64, tf.float32, tf.float64,
+     r"gamma/beta have dtype float but x has dtype double; expected gamma/beta of x's dtype"),
+    (tf.float32, tf.float16, tf.float32,
+     r"gamma/beta have dtype half but x has dtype float; expected"),
+    (tf.float16, tf.bfloat16, tf.float32,
+     r"gamma/beta have dtype bfloat16 but x has dtype half; expected"),
+    (tf.float16, tf.float16, tf.float64,
+     r"statistics dtype S is double but must be float for x of dtype half"),
+]
+DTYPE_IDS = ["x32-S64", "x64-S32", "x64-g32", "x32-g16", "x16-gbf16", "x16-S64"]
+
+
+@pytest.mark.parametrize("xd,gd,sd,msg", DTYPE_COMBOS, ids=DTYPE_IDS)
+def test_raw_op_unsupported_dtypes_in_function(xd, gd, sd, msg):
+    fn = tf.function(lambda: _ops().tf_layernorm_layer_norm(
+        tf.ones([3, 4], xd), tf.ones([4], gd), tf.ones([4], gd), S=sd), autograph=False)
+    with pytest.raises(ValueError, match=msg):
+        fn()
+
+
+@pytest.mark.parametrize("xd,gd,sd,msg", DTYPE_COMBOS, ids=DTYPE_IDS)
+def test_raw_grad_op_unsupported_dtypes_in_function(xd, gd, sd, msg):
+    fn = tf.function(lambda: _ops().tf_layernorm_layer_norm_grad(
+        tf.ones([3, 4], xd), tf.ones([3, 4], xd), tf.ones([4], gd),
+        tf.zeros([3, 1], sd), tf.ones([3, 1], sd)), autograph=False)
+    with pytest.raises(ValueError, match=msg):
+        fn()
+
+
+@pytest.mark.parametrize("xd,gd,sd,msg", DTYPE_COMBOS, ids=DTYPE_IDS)
+def test_raw_op_unsupported_dtypes_eager(xd, gd, sd, msg):
+    with pytest.raises((tf.errors.NotFoundError, tf.errors.InvalidArgumentError)) as info:
+        _ops().tf_layernorm_layer_norm(
+            tf.ones([3, 4], xd), tf.ones([4], gd), tf.ones([4], gd), S=sd)
+    text = str(info.value)
+    if isinstance(info.value, tf.errors.InvalidArgumentError):
+        assert info.match(msg)
+    else:
+        # TensorFlow's message names the requested dtypes and lists the
+        # supported combinations.
+        assert "All kernels registered for op TfLayernorm>LayerNorm" in text
+        assert "T in [DT_HALF]; U in [DT_FLOAT]; S in [DT_FLOAT]" in text
+        assert f"T={_enum_name(xd)}" in text and f"U={_enum_name(gd)}" in text
+        assert f"S={_enum_name(sd)}" in text
+
+
+def _enum_name(dtype):
+    return {tf.float16: "DT_HALF", tf.bfloat16: "DT_BFLOAT16", tf.float32: "DT_FLOAT",
+            tf.float64: "DT_DOUBLE"}[dtype]
+
+
+# ------------------------------------------------------------ no crash zone --
+
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (0, 0)])
+def test_degenerate_shapes_do_not_crash(shape):
+    """Scalars are rejected with a message; empty tensors just work."""
+    x = tf.zeros(shape)
+    if len(shape) == 0:
+        with pytest.raises(ValueError, match="out of range for x of rank 0"):
+            layer_norm(x)
+    else:
+        assert tuple(layer_norm(x).shape) == shape
+
+
+def test_raw_op_scalar_x():
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="are out of range for x of rank 0"):
+        _ops().tf_layernorm_layer_norm(tf.constant(1.0), tf.zeros([0]), tf.zeros([0]),
+                                       scale=False, center=False)
