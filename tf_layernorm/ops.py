@@ -98,6 +98,10 @@ def _normalize_axes(axis, rank):
                 f"axis={axis!r} needs x to have a known rank; use negative axes (counted "
                 "from the end) for inputs of unknown rank")
         resolved = sorted(axes)
+        if not _is_contiguous(resolved):
+            raise ValueError(
+                f"axis={axis!r} is not a contiguous block of axes, which needs x to have a "
+                "known rank (to transpose the axes to the end)")
     else:
         for a in axes:
             if not -rank <= a < rank:

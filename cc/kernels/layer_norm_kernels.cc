@@ -4,6 +4,7 @@
 #include <string>
 
 #include "cc/kernels/layer_norm_cpu.h"
+#include "cc/ops/layer_norm_types.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -231,6 +232,51 @@ TFLN_REGISTER_CPU(float, float)
 TFLN_REGISTER_CPU(double, double)
 
 #undef TFLN_REGISTER_CPU
+
+// Every other dtype combination gets a kernel that fails with a clear
+// InvalidArgument naming the accepted ones. Without it an eager call (which
+// runs no shape function) would end in a NotFoundError about kernels.
+class UnsupportedTypesOp : public OpKernel {
+ public:
+  explicit UnsupportedTypesOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    tensorflow::DataType t, u, s;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("T", &t));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("U", &u));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("S", &s));
+    OP_REQUIRES_OK(ctx, CheckLayerNormTypes(t, u, s));
+    ctx->CtxFailure(tensorflow::errors::Internal("unsupported dtype combination"));
+  }
+  void Compute(OpKernelContext*) override {}
+};
+
+OpKernel* CreateUnsupportedTypesOp(OpKernelConstruction* ctx) {
+  return new UnsupportedTypesOp(ctx);
+}
+
+const bool kUnsupportedTypesRegistered = [] {
+  const tensorflow::DataType kTypes[] = {tensorflow::DT_HALF, tensorflow::DT_BFLOAT16,
+                                         tensorflow::DT_FLOAT, tensorflow::DT_DOUBLE};
+  const tensorflow::DataType kStats[] = {tensorflow::DT_FLOAT, tensorflow::DT_DOUBLE};
+  for (const char* op : {"TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad"}) {
+    for (auto t : kTypes) {
+      for (auto u : kTypes) {
+        for (auto s : kStats) {
+          if (ValidLayerNormTypes(t, u, s)) continue;
+          // Registrars live for the whole process, like REGISTER_KERNEL_BUILDER's statics.
+          new tensorflow::kernel_factory::OpKernelRegistrar(
+              tensorflow::KernelDefBuilder(op)
+                  .Device(tensorflow::DEVICE_CPU)
+                  .TypeConstraint("T", t)
+                  .TypeConstraint("U", u)
+                  .TypeConstraint("S", s)
+                  .Build(),
+              "UnsupportedTypesOp", CreateUnsupportedTypesOp);
+        }
+      }
+    }
+  }
+  return true;
+}();
 
 }  // namespace
 }  // namespace tf_layernorm

@@ -8,6 +8,7 @@
 // negative (counted from the end), so graphs built with x of unknown rank
 // still work. mean and rstd keep x's rank with the normalized dims set to 1,
 // so they broadcast against x.
+#include "cc/ops/layer_norm_types.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -26,20 +27,7 @@ Status CheckTypes(InferenceContext* c) {
   TF_RETURN_IF_ERROR(c->GetAttr("T", &t));
   TF_RETURN_IF_ERROR(c->GetAttr("U", &u));
   TF_RETURN_IF_ERROR(c->GetAttr("S", &s));
-  const bool half_like = t == tensorflow::DT_HALF || t == tensorflow::DT_BFLOAT16;
-  if (!(u == t || (half_like && u == tensorflow::DT_FLOAT))) {
-    return tensorflow::errors::InvalidArgument(
-        "gamma/beta have dtype ", tensorflow::DataTypeString(u), " but x has dtype ",
-        tensorflow::DataTypeString(t),
-        "; expected gamma/beta of x's dtype, or float32 when x is float16/bfloat16");
-  }
-  const DataType want_s = t == tensorflow::DT_DOUBLE ? tensorflow::DT_DOUBLE : tensorflow::DT_FLOAT;
-  if (s != want_s) {
-    return tensorflow::errors::InvalidArgument(
-        "statistics dtype S is ", tensorflow::DataTypeString(s), " but must be ",
-        tensorflow::DataTypeString(want_s), " for x of dtype ", tensorflow::DataTypeString(t));
-  }
-  return Status();
+  return CheckLayerNormTypes(t, u, s);
 }
 
 // Resolves the normalized block against x's rank (when known) and returns
