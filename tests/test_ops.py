@@ -39,12 +39,17 @@ def _bcast_shape(shape, axes):
     return tuple(shape[d] if d in axes else 1 for d in range(len(shape)))
 
 
-def ref_forward(x, gamma, beta, axes, eps):
-    """float64 y, mean, rstd (keepdims) of layer norm over `axes` (sorted, >= 0)."""
+def _ref_stats(x, axes, eps):
+    """x as float64 with its two-pass mean and 1/sqrt(var + eps), keepdims."""
     x = np.asarray(x, np.float64)
     mean = x.mean(axis=axes, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + eps)
+    return x, mean, 1.0 / np.sqrt(var + eps)
+
+
+def ref_forward(x, gamma, beta, axes, eps):
+    """float64 y, mean, rstd (keepdims) of layer norm over `axes` (sorted, >= 0)."""
+    x, mean, rstd = _ref_stats(x, axes, eps)
     y = (x - mean) * rstd
     bshape = _bcast_shape(x.shape, axes)
     if gamma is not None:
@@ -56,11 +61,8 @@ def ref_forward(x, gamma, beta, axes, eps):
 
 def ref_backward(dy, x, gamma, axes, eps):
     """Analytic float64 dx, dgamma, dbeta of layer norm over `axes`."""
-    x = np.asarray(x, np.float64)
+    x, mean, rstd = _ref_stats(x, axes, eps)
     dy = np.asarray(dy, np.float64)
-    mean = x.mean(axis=axes, keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + eps)
     xhat = (x - mean) * rstd
     bshape = _bcast_shape(x.shape, axes)
     g = dy * np.asarray(gamma, np.float64).reshape(bshape) if gamma is not None else dy
