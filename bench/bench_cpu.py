@@ -1,0 +1,328 @@
+"""CPU LayerNorm benchmark: tf_layernorm against every peer installed, same arrays.
+
+Peers: Keras 3 LayerNormalization, tf_keras LayerNormalization (if installed),
+PyTorch F.layer_norm (if installed), ONNX Runtime LayerNormalization opset 17
+(forward, if installed), and the roofline: a NumPy copy of x (the forward
+cannot beat it; the backward cannot beat about 1.5 of it).
+
+TF paths run inside tf.function. Each case: warm-up, then repeated runs;
+minimum and median reported. Output in bench/results/: cpu.md (table),
+cpu.json (every number), cpu.png (throughput vs D).
+
+    bench/run_cpu.sh            # sets up, builds, installs peers, runs this
+    python bench/bench_cpu.py --quick
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+EPS = 1e-5
+
+# (name, shape, axis): the issue's shapes.
+CASES = [
+    ("8192x1024", (8192, 1024), -1),
+    ("32768x256", (32768, 256), -1),
+    ("2048x4096", (2048, 4096), -1),
+    ("256x768", (256, 768), -1),
+    ("64x128x768", (64, 128, 768), -1),
+    ("32x64x56x56 axis=1", (32, 64, 56, 56), 1),
+    ("64x128x768 axis=[-2,-1]", (64, 128, 768), [-2, -1]),
+]
+DTYPES = ["float32", "bfloat16"]
+
+
+def norm_axes(axis, rank):
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    return sorted(a % rank for a in axes)
+
+
+def timeit(fn, min_runs=10, min_seconds=0.4, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return 1e3 * min(times), 1e3 * float(np.median(times))
+
+
+# ------------------------------------------------------------ implementations --
+
+def tf_impls(x_np, dy_np, axis, dtype):
+    import keras
+    import tensorflow as tf
+
+    import tf_layernorm as tfln
+
+    tf_dtype = tf.bfloat16 if dtype == "bfloat16" else tf.float32
+    x = tf.cast(tf.constant(x_np), tf_dtype)
+    dy = tf.cast(tf.constant(dy_np), tf_dtype)
+    layers = {
+        "tf_layernorm": lambda: tfln.LayerNorm(axis=axis, epsilon=EPS),
+        "keras3": lambda: keras.layers.LayerNormalization(axis=axis, epsilon=EPS),
+    }
+    try:
+        import tf_keras
+
+        layers["tf_keras"] = lambda: tf_keras.layers.LayerNormalization(axis=axis, epsilon=EPS)
+    except ImportError:
+        pass
+    out = {}
+    for name, make in layers.items():
+        layer = make()
+        layer.build(x.shape)
+
+        @tf.function
+        def fwd(x, layer=layer):
+            return layer(x)
+
+        @tf.function
+        def fwd_bwd(x, layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x)
+            return tape.gradient(y, [x] + list(layer.trainable_variables), output_gradients=dy)
+
+        # .numpy() on a tiny slice forces completion without copying x-sized data.
+        out[name] = (lambda f=fwd: tf.reshape(f(x), [-1])[:1].numpy(),
+                     lambda f=fwd_bwd: tf.reshape(f(x)[0], [-1])[:1].numpy())
+    return out
+
+
+def torch_impl(x_np, dy_np, axis, dtype):
+    try:
+        import torch
+    except ImportError:
+        return {}
+    torch.set_num_threads(os.cpu_count())
+    rank = x_np.ndim
+    axes = norm_axes(axis, rank)
+    tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    x = torch.from_numpy(x_np).to(tdtype)
+    dy = torch.from_numpy(dy_np).to(tdtype)
+    shape = tuple(x_np.shape[a] for a in axes)
+    w = torch.ones(shape, dtype=tdtype, requires_grad=True)
+    b = torch.zeros(shape, dtype=tdtype, requires_grad=True)
+    trailing = axes == list(range(rank - len(axes), rank))
+    perm = [d for d in range(rank) if d not in axes] + axes
+    inv = [perm.index(d) for d in range(rank)]
+
+    def ln(x):
+        if trailing:
+            return torch.nn.functional.layer_norm(x, shape, w, b, EPS)
+        # Non-trailing axes: PyTorch needs them moved to the end.
+        y = torch.nn.functional.layer_norm(x.permute(perm).contiguous(), shape, w, b, EPS)
+        return y.permute(inv).contiguous()
+
+    def fwd():
+        with torch.no_grad():
+            ln(x)
+
+    def fwd_bwd():
+        xg = x.detach().requires_grad_(True)
+        y = ln(xg)
+        torch.autograd.grad(y, [xg, w, b], dy)
+
+    return {"torch": (fwd, fwd_bwd)}
+
+
+def ort_impl(x_np, axis, dtype):
+    if dtype != "float32":
+        return {}  # ONNX Runtime's CPU LayerNormalization has no bfloat16 kernel
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return {}
+    rank = x_np.ndim
+    axes = norm_axes(axis, rank)
+    if axes != list(range(axes[0], rank)):
+        return {}  # ONNX LayerNormalization normalizes axis..rank-1 only
+    shape = [x_np.shape[a] for a in axes]
+    graph = helper.make_graph(
+        [helper.make_node("LayerNormalization", ["x", "w", "b"], ["y"], axis=axes[0],
+                          epsilon=EPS)],
+        "ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_np.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x_np.shape))],
+        [helper.make_tensor("w", TensorProto.FLOAT, shape, np.ones(shape, np.float32).ravel()),
+         helper.make_tensor("b", TensorProto.FLOAT, shape, np.zeros(shape, np.float32).ravel())],
+    )
+    # IR version 8 pairs with opset 17; newer onnx packages default to IRs older
+    # onnxruntime builds reject.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count()
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    x = np.ascontiguousarray(x_np, np.float32)
+    return {"onnxruntime": (lambda: sess.run(["y"], {"x": x}), None)}
+
+
+def roofline_impl(x_np, dtype):
+    # bfloat16 moves 2 bytes an element: copy a uint16 array of the same size.
+    src = np.ascontiguousarray(x_np, np.float32) if dtype == "float32" else \
+        np.zeros(x_np.shape, np.uint16)
+    dst = np.empty_like(src)
+    return {"copy": (lambda: np.copyto(dst, src), None)}
+
+
+# -------------------------------------------------------------------- driver --
+
+def run(cases, dtypes, quick):
+    rng = np.random.default_rng(0)
+    rows = []
+    total = len(cases) * len(dtypes)
+    k = 0
+    for name, shape, axis in cases:
+        x = rng.standard_normal(shape).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        elems = int(np.prod(shape))
+        rank = len(shape)
+        d = int(np.prod([shape[a] for a in norm_axes(axis, rank)]))
+        for dtype in dtypes:
+            k += 1
+            size = 4 if dtype == "float32" else 2
+            impls = {}
+            impls.update(roofline_impl(x, dtype))
+            impls.update(tf_impls(x, dy, axis, dtype))
+            impls.update(torch_impl(x, dy, axis, dtype))
+            impls.update(ort_impl(x, axis, dtype))
+            for impl, (fwd, fwd_bwd) in impls.items():
+                print(f"[{k}/{total}] {name} {dtype} {impl}", flush=True)
+                for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                    if fn is None:
+                        continue
+                    tmin, tmed = timeit(fn, min_runs=5 if quick else 10,
+                                        min_seconds=0.1 if quick else 0.4)
+                    # fwd: read x, write y; fwd+bwd adds read x, dy, write dx.
+                    moved = (2 if mode == "fwd" else 5) * elems * size
+                    rows.append(dict(case=name, shape=list(shape), axis=axis, D=d, dtype=dtype,
+                                     impl=impl, mode=mode, min_ms=tmin, median_ms=tmed,
+                                     gbps=moved / tmin / 1e6))
+    return rows
+
+
+def write_results(rows, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    try:
+        import tensorflow as tf
+
+        versions = {"tensorflow": tf.__version__}
+    except ImportError:
+        versions = {}
+    for mod in ("keras", "torch", "onnxruntime", "tf_keras"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    meta = dict(machine=machine, cpu=_cpu_model(), date=time.strftime("%Y-%m-%d"),
+                versions=versions)
+    with open(os.path.join(out_dir, "cpu.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+    lines = [f"# CPU LayerNorm benchmark", "",
+             f"{meta['cpu']} ({machine}), {meta['date']}; "
+             + ", ".join(f"{k} {v}" for k, v in versions.items()), "",
+             "min ms (median ms) per call; GB/s from the min; 'x copy' = time / NumPy copy "
+             "of x (fwd roofline 1.0, fwd+bwd about 2.5); speed-up = peer time / ours.", ""]
+    peers = ["keras3", "tf_keras", "torch", "onnxruntime"]
+    present = [p for p in peers if any(r["impl"] == p for r in rows)]
+    header = ["case", "dtype", "mode", "tf_layernorm", "GB/s", "x copy"] + \
+        [f"{p}" for p in present] + [f"vs {p}" for p in present]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    index = {(r["case"], r["dtype"], r["mode"], r["impl"]): r for r in rows}
+    for case in dict.fromkeys(r["case"] for r in rows):
+        for dtype in dict.fromkeys(r["dtype"] for r in rows):
+            for mode in ("fwd", "fwd+bwd"):
+                ours = index.get((case, dtype, mode, "tf_layernorm"))
+                if ours is None:
+                    continue
+                copy = index.get((case, dtype, "fwd", "copy"))
+                cells = [case, dtype, mode, f"{ours['min_ms']:.3f} ({ours['median_ms']:.3f})",
+                         f"{ours['gbps']:.1f}",
+                         f"{ours['min_ms'] / copy['min_ms']:.2f}" if copy else "-"]
+                speed = []
+                for p in present:
+                    r = index.get((case, dtype, mode, p))
+                    cells.append(f"{r['min_ms']:.3f}" if r else "-")
+                    speed.append(f"{r['min_ms'] / ours['min_ms']:.2f}x" if r else "-")
+                lines.append("| " + " | ".join(cells + speed) + " |")
+    with open(os.path.join(out_dir, "cpu.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(rows, os.path.join(out_dir, "cpu.png"), meta)
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _plot(rows, path, meta):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        sel = [r for r in rows if r["mode"] == mode and r["dtype"] == "float32"
+               and r["axis"] == -1]
+        for impl in dict.fromkeys(r["impl"] for r in sel):
+            pts = sorted((r["D"], r["gbps"]) for r in sel if r["impl"] == impl)
+            # Several shapes share a D: keep the best for the line.
+            best = {}
+            for dd, g in pts:
+                best[dd] = max(g, best.get(dd, 0))
+            ax.plot(list(best), list(best.values()), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("D (normalized size)")
+        ax.set_ylabel("GB/s (bytes moved / min time)")
+        ax.set_title(f"{mode}, float32, axis=-1")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"LayerNorm on CPU: {meta['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer runs, float32 only")
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args()
+    dtypes = ["float32"] if args.quick else DTYPES
+    rows = run(CASES, dtypes, args.quick)
+    write_results(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
