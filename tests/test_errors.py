@@ -71,7 +71,7 @@ def test_bad_epsilon_value(eps):
 @pytest.mark.parametrize("eps", ["1e-5", None, True, [1e-5], np.array([1e-5])],
                          ids=["str", "None", "bool", "list", "array"])
 def test_bad_epsilon_type(eps):
-    with pytest.raises(TypeError, match="epsilon must be a float"):
+    with pytest.raises(TypeError, match="epsilon must be a real number"):
         layer_norm(_x(), epsilon=eps)
 
 
@@ -166,7 +166,7 @@ def test_raw_op_axes_out_of_range(begin, num, mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("num", [0, -1])
 def test_raw_op_num_norm_axes_must_be_positive(num, mode):
-    with pytest.raises(GRAPH_OR_KERNEL, match=rf"num_norm_axes must be >= 1, got {num}"):
+    with pytest.raises(GRAPH_OR_KERNEL, match=rf"num_norm_axes must be in \[1, 254\], got {num}"):
         _run(mode, lambda: _ops().tf_layernorm_layer_norm(
             _x(), tf.zeros([0]), tf.zeros([0]), num_norm_axes=num, scale=False, center=False))
 
@@ -174,7 +174,7 @@ def test_raw_op_num_norm_axes_must_be_positive(num, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_raw_grad_op_num_norm_axes_must_be_positive(mode):
     x = _x()
-    with pytest.raises(GRAPH_OR_KERNEL, match="num_norm_axes must be >= 1, got 0"):
+    with pytest.raises(GRAPH_OR_KERNEL, match=r"num_norm_axes must be in \[1, 254\], got 0"):
         _run(mode, lambda: _ops().tf_layernorm_layer_norm_grad(
             x, x, tf.ones([4]), tf.zeros([3, 1]), tf.ones([3, 1]), num_norm_axes=0))
 
@@ -331,3 +331,67 @@ def test_raw_op_scalar_x():
                        match="are out of range for x of rank 0"):
         _ops().tf_layernorm_layer_norm(tf.constant(1.0), tf.zeros([0]), tf.zeros([0]),
                                        scale=False, center=False)
+
+
+# ------------------------------------------------ overflow and absurd attrs --
+# Each of these aborted the process (TensorShape CHECK) or silently
+# normalized nothing before the kernels bounded every product and sum.
+
+OVERFLOW_CASES = [
+    # (x shape, begin_norm_axis, num_norm_axes): x has 0 elements, but the
+    # dims on one side of the normalized block multiply past int64.
+    ((0, 2**32, 2**32), 1, 2),
+    ((2**32, 0, 2**32), 1, 1),
+    ((0, 2**62 + 1, 3), 1, 2),
+]
+
+
+@pytest.mark.parametrize("shape,begin,num", OVERFLOW_CASES, ids=["norm", "stats", "norm-2"])
+def test_raw_op_dim_products_overflowing_int64_are_refused(shape, begin, num):
+    x = tf.zeros(shape)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="overflows int64"):
+        _ops().tf_layernorm_layer_norm(x, tf.zeros([0]), tf.zeros([0]), begin_norm_axis=begin,
+                                       num_norm_axes=num, scale=False, center=False)
+    # The axes are resolved before mean/rstd are checked, so any stats do.
+    st = tf.zeros([0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="overflows int64"):
+        _ops().tf_layernorm_layer_norm_grad(x, x, tf.zeros([0]), st, st, begin_norm_axis=begin,
+                                            num_norm_axes=num, scale=False, center=False)
+
+
+def test_public_api_overflowing_shape_is_refused_under_unknown_shapes():
+    f = tf.function(lambda x: layer_norm(x, axis=[1, 2]),
+                    input_signature=[tf.TensorSpec([None, None, None])])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="overflows int64"):
+        f(tf.zeros([0, 2**32, 2**32]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_begin_plus_num_overflow_is_out_of_range(mode):
+    x = _x((2, 3, 4))
+    with pytest.raises(GRAPH_OR_KERNEL, match="out of range for x of rank 3"):
+        _run(mode, lambda: _ops().tf_layernorm_layer_norm(
+            x, tf.constant(2.0), tf.constant(1.0), begin_norm_axis=2**63 - 1, num_norm_axes=1))
+
+
+def test_huge_num_norm_axes_with_unknown_rank_is_refused_before_shape_inference():
+    f = tf.function(lambda x: _ops().tf_layernorm_layer_norm(
+        x, tf.zeros([0]), tf.zeros([0]), num_norm_axes=4_000_000_000, scale=False,
+        center=False), input_signature=[tf.TensorSpec(None, tf.float32)])
+    with pytest.raises(GRAPH_OR_KERNEL, match=r"num_norm_axes must be in \[1, 254\]"):
+        f(tf.ones([2, 3]))
+
+
+def test_numpy_scalar_epsilon_is_accepted():
+    x = _x()
+    np.testing.assert_allclose(layer_norm(x, epsilon=np.float32(1e-3)).numpy(),
+                               layer_norm(x, epsilon=1e-3).numpy(), rtol=0, atol=0)
+
+
+def test_layer_rejects_bad_epsilon_at_construction():
+    from tf_layernorm import LayerNorm
+
+    with pytest.raises(ValueError, match="epsilon must be finite and >= 0"):
+        LayerNorm(epsilon=-1.0)
+    with pytest.raises(TypeError, match="epsilon must be a real number"):
+        LayerNorm(epsilon="1e-5")

@@ -33,7 +33,7 @@ class LayerNorm(keras.layers.Layer):
         super().__init__(**kwargs)
         ops._check_axis_type(axis)
         self.axis = list(axis) if isinstance(axis, (list, tuple)) else axis
-        self.epsilon = epsilon
+        self.epsilon = ops._check_epsilon(epsilon)
         self.center = center
         self.scale = scale
         self.beta_initializer = keras.initializers.get(beta_initializer)

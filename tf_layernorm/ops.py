@@ -1,9 +1,11 @@
 """Loading of the op library, the functional API and the registered gradient."""
 import json
 import math
+import numbers
 import os
 import threading
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import tensor_util
 
@@ -116,6 +118,16 @@ def _is_contiguous(axes):
     return axes == list(range(axes[0], axes[0] + len(axes)))
 
 
+def _check_epsilon(epsilon):
+    """Returns epsilon as a Python float, or raises TypeError/ValueError."""
+    if isinstance(epsilon, (bool, np.bool_)) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"epsilon must be a real number, got {epsilon!r}")
+    epsilon = float(epsilon)
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon!r}")
+    return epsilon
+
+
 # ------------------------------------------------------------------- dtypes --
 
 def _check_x(x):
@@ -169,10 +181,7 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5, name=None):
     with tf.name_scope(name or "layer_norm"):
         x = tf.convert_to_tensor(x)
         _check_x(x)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-            raise TypeError(f"epsilon must be a float, got {epsilon!r}")
-        if not (math.isfinite(epsilon) and epsilon >= 0):
-            raise ValueError(f"epsilon must be finite and >= 0, got {epsilon!r}")
+        epsilon = _check_epsilon(epsilon)
         rank = x.shape.rank
         axes = _normalize_axes(axis, rank)
 
@@ -194,7 +203,7 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5, name=None):
         b = params.get("beta", empty)
 
         if rank is None or _is_contiguous(axes):
-            y, _, _ = _fused(x, g, b, axes[0], len(axes), float(epsilon),
+            y, _, _ = _fused(x, g, b, axes[0], len(axes), epsilon,
                              "gamma" in params, "beta" in params)
             return y
         # Non-contiguous axes: move them to the end (in sorted order, which is
@@ -203,7 +212,7 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5, name=None):
         perm = others + axes
         inverse = [perm.index(d) for d in range(rank)]
         xt = tf.transpose(x, perm)
-        y, _, _ = _fused(xt, g, b, rank - len(axes), len(axes), float(epsilon),
+        y, _, _ = _fused(xt, g, b, rank - len(axes), len(axes), epsilon,
                          "gamma" in params, "beta" in params)
         return tf.transpose(y, inverse)
 

@@ -10,6 +10,7 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/platform/threadpool.h"
+#include "tensorflow/core/util/overflow.h"
 
 namespace tf_layernorm {
 namespace {
@@ -32,31 +33,34 @@ struct ResolvedAxes {
 Status ResolveAxes(const TensorShape& x, int64_t begin_attr, int64_t num, ResolvedAxes* out) {
   const int64_t rank = x.dims();
   const int64_t begin = begin_attr < 0 ? begin_attr + rank : begin_attr;
-  if (num < 1 || begin < 0 || begin + num > rank) {
+  // Written so that no sum can overflow, whatever the attrs hold.
+  if (num < 1 || begin < 0 || begin > rank || num > rank - begin) {
     return InvalidArgument("normalized axes [", begin_attr, ", ", begin_attr, " + ", num,
                            ") are out of range for x of rank ", rank, " (shape ",
                            x.DebugString(), ")");
   }
-  NormGeometry g;
-  g.outer = 1;
-  g.norm = 1;
-  g.inner = 1;
+  int64_t outer = 1, norm = 1, inner = 1;
   out->norm_shape = TensorShape();
   out->stats_shape = TensorShape();
   for (int64_t d = 0; d < rank; ++d) {
     const int64_t size = x.dim_size(d);
-    if (d < begin) {
-      g.outer *= size;
-      out->stats_shape.AddDim(size);
-    } else if (d < begin + num) {
-      g.norm *= size;
-      out->norm_shape.AddDim(size);
-      out->stats_shape.AddDim(1);
-    } else {
-      g.inner *= size;
-      out->stats_shape.AddDim(size);
+    const bool normalized = d >= begin && d < begin + num;
+    int64_t& product = d < begin ? outer : (normalized ? norm : inner);
+    // x itself may hold zero elements while the products of its dims on
+    // either side of the block overflow: those shapes are refused, not wrapped.
+    product = tensorflow::MultiplyWithoutOverflow(product, size);
+    if (product < 0 || !out->stats_shape.AddDimWithStatus(normalized ? 1 : size).ok() ||
+        (normalized && !out->norm_shape.AddDimWithStatus(size).ok())) {
+      return InvalidArgument("x with shape ", x.DebugString(),
+                             " has dims whose product overflows int64 around the normalized "
+                             "axes (in gamma's or mean's shape); expected those products to "
+                             "fit int64");
     }
   }
+  NormGeometry g;
+  g.outer = outer;
+  g.norm = norm;
+  g.inner = inner;
   // A zero-size dim after the block makes inner 0; the kernels want inner >= 1
   // and see no work because outer * inner (the number of rows) is then 0.
   if (g.inner == 0) {
@@ -112,8 +116,9 @@ class LayerNormBase : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_norm_axes", &num_norm_axes_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
-    OP_REQUIRES(ctx, num_norm_axes_ >= 1,
-                InvalidArgument("num_norm_axes must be >= 1, got ", num_norm_axes_));
+    OP_REQUIRES(ctx, num_norm_axes_ >= 1 && num_norm_axes_ <= TensorShape::MaxDimensions(),
+                InvalidArgument("num_norm_axes must be in [1, ", TensorShape::MaxDimensions(),
+                                "], got ", num_norm_axes_));
   }
 
  protected:

@@ -12,6 +12,7 @@
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/framework/tensor_shape.h"
 
 namespace tf_layernorm {
 namespace {
@@ -37,8 +38,11 @@ Status NormShapes(InferenceContext* c, ShapeHandle x, ShapeHandle* norm, ShapeHa
   int64_t begin, num;
   TF_RETURN_IF_ERROR(c->GetAttr("begin_norm_axis", &begin));
   TF_RETURN_IF_ERROR(c->GetAttr("num_norm_axes", &num));
-  if (num < 1) {
-    return tensorflow::errors::InvalidArgument("num_norm_axes must be >= 1, got ", num);
+  // Bounded before anything is sized by it (an unknown-rank shape of rank num).
+  if (num < 1 || num > tensorflow::TensorShape::MaxDimensions()) {
+    return tensorflow::errors::InvalidArgument("num_norm_axes must be in [1, ",
+                                               tensorflow::TensorShape::MaxDimensions(),
+                                               "], got ", num);
   }
   *rank_known = c->RankKnown(x);
   if (!*rank_known) {
@@ -48,7 +52,7 @@ Status NormShapes(InferenceContext* c, ShapeHandle x, ShapeHandle* norm, ShapeHa
   }
   const int64_t rank = c->Rank(x);
   const int64_t b = begin < 0 ? begin + rank : begin;
-  if (b < 0 || b + num > rank) {
+  if (b < 0 || b > rank || num > rank - b) {
     return tensorflow::errors::InvalidArgument(
         "normalized axes [", begin, ", ", begin, " + ", num, ") are out of range for x of rank ",
         rank, " (shape ", c->DebugString(x), ")");
