@@ -70,9 +70,11 @@ constexpr int64_t kInnerChunk = 256;
 // memory stays O(D) and independent of the number of rows.
 constexpr int64_t kMaxBlocks = 64;
 constexpr int64_t kPartialBudget = int64_t{1} << 22;
-// A block should carry at least this many elements so the partials are
-// amortized over real work.
+// A block should carry at least this many elements, and at least this many
+// units, so the partials (zeroed, accumulated and summed: ~3 passes over D per
+// block) stay a small fraction of the block's own traffic even when D is huge.
 constexpr int64_t kMinElementsPerBlock = int64_t{1} << 15;
+constexpr int64_t kMinUnitsPerBlock = 8;
 // Rough cycles per element for the cost model of the thread pool.
 constexpr int64_t kForwardCostPerElement = 8;
 constexpr int64_t kBackwardCostPerElement = 14;
@@ -236,7 +238,8 @@ inline BlockPlan PlanBlocks(const NormGeometry& g) {
     p.elems_per_unit = g.norm * std::min(kInnerChunk, g.inner);
   }
   if (p.units == 0 || g.norm == 0) return p;
-  const int64_t min_units = std::max<int64_t>(1, kMinElementsPerBlock / std::max<int64_t>(1, p.elems_per_unit));
+  const int64_t min_units = std::max<int64_t>(
+      kMinUnitsPerBlock, kMinElementsPerBlock / std::max<int64_t>(1, p.elems_per_unit));
   int64_t blocks = (p.units + min_units - 1) / min_units;
   blocks = std::min(blocks, kMaxBlocks);
   blocks = std::min(blocks, std::max<int64_t>(1, kPartialBudget / g.norm));
