@@ -6,6 +6,11 @@ built with the ABI, C++ standard and Eigen alignment of the TF that loads it.
 
     python configure.py            # auto-detect everything
     python configure.py --offline  # force the offline overrides (Debian Bazel 4.2.3)
+
+CUDA: on by default when a toolkit is found (CUDA_HOME or CUDA_PATH, else nvcc
+on PATH). TF_LAYERNORM_NEED_CUDA=0 (or --no-cuda) builds CPU only;
+TF_LAYERNORM_CUDA_ARCHS="75;80;86;89;90" overrides the SASS architectures
+(PTX of the newest is added for forward compatibility).
 """
 import argparse
 import os
@@ -16,6 +21,47 @@ import sys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBIAN_RULES_JAVA = "/usr/share/bazel/rules/java"
+# sm_75 (Turing, the oldest CUDA 13 supports) through Hopper, plus Blackwell
+# where the toolkit knows it. Each is a SASS build; PTX of the newest follows.
+DEFAULT_CUDA_ARCHS = [75, 80, 86, 89, 90, 100, 120]
+
+
+def find_cuda_home():
+    """The toolkit root: CUDA_HOME, CUDA_PATH, else where nvcc on PATH lives."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        # A wrapper script (`exec /opt/cuda/bin/nvcc "$@"`) hides the real toolkit.
+        try:
+            with open(nvcc, "rb") as f:
+                head = f.read(4096)
+            if head.startswith(b"#!"):
+                m = re.search(rb"(/\S+)/bin/nvcc", head)
+                if m:
+                    candidates.append(m.group(1).decode())
+        except OSError:
+            pass
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
+                os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+            return os.path.realpath(root)
+    return None
+
+
+def cuda_archs(home):
+    """Requested (or default) archs that this nvcc can build."""
+    requested = os.environ.get("TF_LAYERNORM_CUDA_ARCHS")
+    if requested:
+        return [int(a) for a in re.split(r"[;, ]+", requested.strip()) if a]
+    out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--list-gpu-code"],
+                         capture_output=True, text=True, check=False).stdout
+    known = {int(m) for m in re.findall(r"sm_(\d+)", out)}
+    archs = [a for a in DEFAULT_CUDA_ARCHS if a in known] if known else DEFAULT_CUDA_ARCHS[:5]
+    if not archs:
+        sys.exit("configure: nvcc in %s supports none of sm_%s" % (home, DEFAULT_CUDA_ARCHS))
+    return archs
 
 
 def bazel_major(bazel):
@@ -36,6 +82,8 @@ def main():
                    help="point rules_java/rules_cc at local copies (no network)")
     p.add_argument("--no-offline", dest="offline", action="store_false")
     p.add_argument("--bazel", default=os.environ.get("BAZEL", "bazel"))
+    p.add_argument("--no-cuda", dest="cuda", action="store_false", default=None,
+                   help="build the CPU kernels only, even when a CUDA toolkit is found")
     args = p.parse_args()
 
     try:
@@ -65,6 +113,18 @@ def main():
         "build --spawn_strategy=standalone",
         "build --strategy=Genrule=standalone",
     ]
+    need_cuda = args.cuda if args.cuda is not None else \
+        os.environ.get("TF_LAYERNORM_NEED_CUDA", "1") != "0"
+    cuda_home = find_cuda_home() if need_cuda else None
+    if cuda_home:
+        archs = cuda_archs(cuda_home)
+        lines += [
+            "build --action_env=TF_LAYERNORM_NEED_CUDA=1",
+            "build --action_env=TF_LAYERNORM_CUDA_HOME=%s" % cuda_home,
+            "build --action_env=TF_LAYERNORM_CUDA_ARCHS=%s" % ",".join(map(str, archs)),
+        ]
+    else:
+        lines.append("build --action_env=TF_LAYERNORM_NEED_CUDA=0")
     for flag in compile_flags:
         if flag.startswith("-I"):
             continue
@@ -93,8 +153,9 @@ def main():
     lines.append("try-import %workspace%/.bazelrc.local")
     with open(os.path.join(ROOT, ".bazelrc"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("configure: wrote .bazelrc for TensorFlow %s (bazel %s, offline=%s)"
-          % (tf.__version__, major if major is not None else "?", offline))
+    print("configure: wrote .bazelrc for TensorFlow %s (bazel %s, offline=%s, CUDA %s)"
+          % (tf.__version__, major if major is not None else "?", offline,
+             "%s sm_%s" % (cuda_home, ",".join(map(str, archs))) if cuda_home else "off"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The installed package: build info, TF version check, the wheel, configure."""
 import glob
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -30,7 +31,16 @@ def test_build_info_matches_running_tf():
     info = tfln.build_info()
     assert info["tf_version"].split(".")[:2] == tf.__version__.split(".")[:2]
     assert os.path.exists(info["library"])
-    assert info["cuda"] is False
+    # CUDA kernels are in exactly when configure.py found a toolkit.
+    with open(os.path.join(ROOT, ".bazelrc")) as f:
+        want_cuda = "TF_LAYERNORM_NEED_CUDA=1" in f.read()
+    assert info["cuda"] is want_cuda
+    if want_cuda:
+        assert re.fullmatch(r"\d+\.\d+(\.\d+)?", info["cuda_version"])
+        assert {75, 80, 86, 89, 90} <= set(info["cuda_archs"])
+        assert info["cuda_ptx"] == max(info["cuda_archs"])
+    else:
+        assert info["cuda_version"] is None and info["cuda_archs"] == []
 
 
 def test_import_fails_clearly_on_tf_version_mismatch(tmp_path):

@@ -1,9 +1,15 @@
 // TF binding for the LayerNorm kernels: validate every input (these ops can be
-// called raw by anyone), allocate outputs, call the TF-free kernels.
+// called raw by anyone), allocate outputs, call the TF-free kernels (CPU, and
+// CUDA when built with GOOGLE_CUDA) on the op's thread pool or stream.
+#if GOOGLE_CUDA
+#define EIGEN_USE_GPU
+#endif
+
 #include <cmath>
 #include <string>
 
 #include "cc/kernels/layer_norm_cpu.h"
+#include "cc/kernels/layer_norm_gpu.h"
 #include "cc/ops/layer_norm_types.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
@@ -14,6 +20,8 @@
 
 namespace tf_layernorm {
 namespace {
+
+namespace gpu = ::tf_layernorm::gpu;
 
 using ::tensorflow::OpKernel;
 using ::tensorflow::OpKernelConstruction;
@@ -97,6 +105,11 @@ ParallelFor MakeParallelFor(OpKernelContext* ctx) {
   };
 }
 
+using CpuDevice = Eigen::ThreadPoolDevice;
+#if GOOGLE_CUDA
+using GpuDevice = Eigen::GpuDevice;
+#endif
+
 Status ToStatus(KernelStatus s, const char* op) {
   switch (s) {
     case KernelStatus::kOk:
@@ -128,7 +141,135 @@ class LayerNormBase : public OpKernel {
   bool center_ = true;
 };
 
+// The device-specific half of each op: run the kernel on validated inputs
+// and allocated outputs. Specialized for CPU below and for GPU under GOOGLE_CUDA.
+template <typename Device, typename T, typename U>
+struct Launch;
+
 template <typename T, typename U>
+struct Launch<CpuDevice, T, U> {
+  using C = ComputeType<T>;
+
+  static Status Forward(OpKernelContext* ctx, const NormGeometry& g, const T* x, const U* gamma,
+                        const U* beta, float epsilon, T* y, C* mean, C* rstd) {
+    return ToStatus(LayerNormForwardCpu<T, U>(g, x, gamma, beta, epsilon, y, mean, rstd,
+                                              MakeParallelFor(ctx)),
+                    "LayerNorm");
+  }
+
+  static Status Backward(OpKernelContext* ctx, const NormGeometry& g, const T* dy, const T* x,
+                         const U* gamma, const C* mean, const C* rstd, T* dx, U* dgamma,
+                         U* dbeta) {
+    const int64_t ws_size =
+        LayerNormBackwardWorkspaceSize(g, dgamma != nullptr, dbeta != nullptr);
+    Tensor workspace;
+    if (ws_size > 0) {
+      TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<C>::value,
+                                            TensorShape({ws_size}), &workspace));
+    }
+    return ToStatus(LayerNormBackwardCpu<T, U>(g, dy, x, gamma, mean, rstd, dx, dgamma, dbeta,
+                                               ws_size > 0 ? workspace.flat<C>().data() : nullptr,
+                                               MakeParallelFor(ctx)),
+                    "LayerNormGrad");
+  }
+};
+
+#if GOOGLE_CUDA
+template <typename T>
+struct GpuType;
+template <>
+struct GpuType<float> {
+  static constexpr gpu::DType value = gpu::DType::kFloat32;
+};
+template <>
+struct GpuType<double> {
+  static constexpr gpu::DType value = gpu::DType::kFloat64;
+};
+template <>
+struct GpuType<Eigen::half> {
+  static constexpr gpu::DType value = gpu::DType::kFloat16;
+};
+template <>
+struct GpuType<Eigen::bfloat16> {
+  static constexpr gpu::DType value = gpu::DType::kBFloat16;
+};
+
+Status FromGpu(const gpu::Result& r, const char* op) {
+  switch (r.status) {
+    case gpu::Status::kOk:
+      return Status();
+    case gpu::Status::kInvalidArgument:
+      return InvalidArgument(op, ": ", r.message);
+    case gpu::Status::kCudaError:
+      return tensorflow::errors::Internal(op, ": CUDA error ", r.cuda_error, " (", r.message,
+                                          ")");
+  }
+  return tensorflow::errors::Internal(op, ": unknown CUDA kernel status");
+}
+
+gpu::Geometry ToGpu(const NormGeometry& g) {
+  gpu::Geometry out;
+  out.outer = g.outer;
+  out.norm = g.norm;
+  out.inner = g.inner;
+  return out;
+}
+
+template <typename T, typename U>
+struct Launch<GpuDevice, T, U> {
+  using C = ComputeType<T>;
+
+  static gpu::Stream StreamOf(OpKernelContext* ctx) {
+    return reinterpret_cast<gpu::Stream>(ctx->eigen_device<GpuDevice>().stream());
+  }
+
+  static Status Forward(OpKernelContext* ctx, const NormGeometry& g, const T* x, const U* gamma,
+                        const U* beta, float epsilon, T* y, C* mean, C* rstd) {
+    gpu::ForwardArgs a;
+    a.x_type = GpuType<T>::value;
+    a.param_type = GpuType<U>::value;
+    a.geometry = ToGpu(g);
+    a.x = x;
+    a.gamma = gamma;
+    a.beta = beta;
+    a.epsilon = epsilon;
+    a.y = y;
+    a.mean = mean;
+    a.rstd = rstd;
+    return FromGpu(gpu::LayerNormForward(a, StreamOf(ctx)), "LayerNorm");
+  }
+
+  static Status Backward(OpKernelContext* ctx, const NormGeometry& g, const T* dy, const T* x,
+                         const U* gamma, const C* mean, const C* rstd, T* dx, U* dgamma,
+                         U* dbeta) {
+    gpu::BackwardArgs a;
+    a.x_type = GpuType<T>::value;
+    a.param_type = GpuType<U>::value;
+    a.geometry = ToGpu(g);
+    a.dy = dy;
+    a.x = x;
+    a.gamma = gamma;
+    a.mean = mean;
+    a.rstd = rstd;
+    a.dx = dx;
+    a.dgamma = dgamma;
+    a.dbeta = dbeta;
+    size_t bytes = 0;
+    TF_RETURN_IF_ERROR(FromGpu(gpu::LayerNormBackwardWorkspaceBytes(a, &bytes), "LayerNormGrad"));
+    Tensor workspace;
+    if (bytes > 0) {
+      TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT8,
+                                            TensorShape({static_cast<int64_t>(bytes)}),
+                                            &workspace));
+      a.workspace = workspace.flat<int8_t>().data();
+      a.workspace_bytes = bytes;
+    }
+    return FromGpu(gpu::LayerNormBackward(a, StreamOf(ctx)), "LayerNormGrad");
+  }
+};
+#endif  // GOOGLE_CUDA
+
+template <typename Device, typename T, typename U>
 class LayerNormOp : public LayerNormBase {
   using C = ComputeType<T>;
 
@@ -153,18 +294,18 @@ class LayerNormOp : public LayerNormBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, axes.stats_shape, &mean));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, axes.stats_shape, &rstd));
 
-    const KernelStatus s = LayerNormForwardCpu<T, U>(
-        axes.geometry, x.flat<T>().data(), scale_ ? gamma.flat<U>().data() : nullptr,
-        center_ ? beta.flat<U>().data() : nullptr, epsilon_, y->flat<T>().data(),
-        mean->flat<C>().data(), rstd->flat<C>().data(), MakeParallelFor(ctx));
-    OP_REQUIRES_OK(ctx, ToStatus(s, "LayerNorm"));
+    OP_REQUIRES_OK(ctx, (Launch<Device, T, U>::Forward(
+                            ctx, axes.geometry, x.flat<T>().data(),
+                            scale_ ? gamma.flat<U>().data() : nullptr,
+                            center_ ? beta.flat<U>().data() : nullptr, epsilon_,
+                            y->flat<T>().data(), mean->flat<C>().data(), rstd->flat<C>().data())));
   }
 
  private:
   float epsilon_ = 1e-5f;
 };
 
-template <typename T, typename U>
+template <typename Device, typename T, typename U>
 class LayerNormGradOp : public LayerNormBase {
   using C = ComputeType<T>;
 
@@ -197,46 +338,46 @@ class LayerNormGradOp : public LayerNormBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, scale_ ? axes.norm_shape : empty, &dgamma));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, center_ ? axes.norm_shape : empty, &dbeta));
 
-    const int64_t ws_size = LayerNormBackwardWorkspaceSize(axes.geometry, scale_, center_);
-    Tensor workspace;
-    if (ws_size > 0) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<C>::value,
-                                             TensorShape({ws_size}), &workspace));
-    }
-    const KernelStatus s = LayerNormBackwardCpu<T, U>(
-        axes.geometry, dy.flat<T>().data(), x.flat<T>().data(),
-        scale_ ? gamma.flat<U>().data() : nullptr, mean.flat<C>().data(), rstd.flat<C>().data(),
-        dx->flat<T>().data(), scale_ ? dgamma->flat<U>().data() : nullptr,
-        center_ ? dbeta->flat<U>().data() : nullptr,
-        ws_size > 0 ? workspace.flat<C>().data() : nullptr, MakeParallelFor(ctx));
-    OP_REQUIRES_OK(ctx, ToStatus(s, "LayerNormGrad"));
+    OP_REQUIRES_OK(ctx, (Launch<Device, T, U>::Backward(
+                            ctx, axes.geometry, dy.flat<T>().data(), x.flat<T>().data(),
+                            scale_ ? gamma.flat<U>().data() : nullptr, mean.flat<C>().data(),
+                            rstd.flat<C>().data(), dx->flat<T>().data(),
+                            scale_ ? dgamma->flat<U>().data() : nullptr,
+                            center_ ? dbeta->flat<U>().data() : nullptr)));
   }
 };
 
-#define TFLN_REGISTER_CPU(T, U)                                                  \
+#define TFLN_REGISTER(DEVICE, DeviceType, T, U)                                      \
   REGISTER_KERNEL_BUILDER(Name("TfLayernorm>LayerNorm")                          \
-                              .Device(tensorflow::DEVICE_CPU)                    \
+                              .Device(DEVICE)                                    \
                               .TypeConstraint<T>("T")                            \
                               .TypeConstraint<U>("U")                            \
                               .TypeConstraint<ComputeType<T>>("S"),              \
-                          LayerNormOp<T, U>);                                    \
+                          LayerNormOp<DeviceType, T, U>);                            \
   REGISTER_KERNEL_BUILDER(Name("TfLayernorm>LayerNormGrad")                      \
-                              .Device(tensorflow::DEVICE_CPU)                    \
+                              .Device(DEVICE)                                    \
                               .TypeConstraint<T>("T")                            \
                               .TypeConstraint<U>("U")                            \
                               .TypeConstraint<ComputeType<T>>("S"),              \
-                          LayerNormGradOp<T, U>);
+                          LayerNormGradOp<DeviceType, T, U>);
 
 // Same-dtype parameters, plus float32 parameters for half-precision x (the
 // mixed-precision layout: float32 variables, float16/bfloat16 activations).
-TFLN_REGISTER_CPU(Eigen::half, Eigen::half)
-TFLN_REGISTER_CPU(Eigen::half, float)
-TFLN_REGISTER_CPU(Eigen::bfloat16, Eigen::bfloat16)
-TFLN_REGISTER_CPU(Eigen::bfloat16, float)
-TFLN_REGISTER_CPU(float, float)
-TFLN_REGISTER_CPU(double, double)
+#define TFLN_REGISTER_ALL(DEVICE, DeviceType)                   \
+  TFLN_REGISTER(DEVICE, DeviceType, Eigen::half, Eigen::half)         \
+  TFLN_REGISTER(DEVICE, DeviceType, Eigen::half, float)               \
+  TFLN_REGISTER(DEVICE, DeviceType, Eigen::bfloat16, Eigen::bfloat16) \
+  TFLN_REGISTER(DEVICE, DeviceType, Eigen::bfloat16, float)           \
+  TFLN_REGISTER(DEVICE, DeviceType, float, float)                     \
+  TFLN_REGISTER(DEVICE, DeviceType, double, double)
 
-#undef TFLN_REGISTER_CPU
+TFLN_REGISTER_ALL(tensorflow::DEVICE_CPU, CpuDevice)
+#if GOOGLE_CUDA
+TFLN_REGISTER_ALL(tensorflow::DEVICE_GPU, GpuDevice)
+#endif
+
+#undef TFLN_REGISTER_ALL
+#undef TFLN_REGISTER
 
 // Every other dtype combination gets a kernel that fails with a clear
 // InvalidArgument naming the accepted ones. Without it an eager call (which
@@ -262,20 +403,28 @@ const bool kUnsupportedTypesRegistered = [] {
   const tensorflow::DataType kTypes[] = {tensorflow::DT_HALF, tensorflow::DT_BFLOAT16,
                                          tensorflow::DT_FLOAT, tensorflow::DT_DOUBLE};
   const tensorflow::DataType kStats[] = {tensorflow::DT_FLOAT, tensorflow::DT_DOUBLE};
-  for (const char* op : {"TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad"}) {
-    for (auto t : kTypes) {
-      for (auto u : kTypes) {
-        for (auto s : kStats) {
-          if (ValidLayerNormTypes(t, u, s)) continue;
-          // Registrars live for the whole process, like REGISTER_KERNEL_BUILDER's statics.
-          new tensorflow::kernel_factory::OpKernelRegistrar(
-              tensorflow::KernelDefBuilder(op)
-                  .Device(tensorflow::DEVICE_CPU)
-                  .TypeConstraint("T", t)
-                  .TypeConstraint("U", u)
-                  .TypeConstraint("S", s)
-                  .Build(),
-              "UnsupportedTypesOp", CreateUnsupportedTypesOp);
+  const char* kDevices[] = {
+      tensorflow::DEVICE_CPU,
+#if GOOGLE_CUDA
+      tensorflow::DEVICE_GPU,
+#endif
+  };
+  for (const char* device : kDevices) {
+    for (const char* op : {"TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad"}) {
+      for (auto t : kTypes) {
+        for (auto u : kTypes) {
+          for (auto s : kStats) {
+            if (ValidLayerNormTypes(t, u, s)) continue;
+            // Registrars live for the whole process, like REGISTER_KERNEL_BUILDER's statics.
+            new tensorflow::kernel_factory::OpKernelRegistrar(
+                tensorflow::KernelDefBuilder(op)
+                    .Device(device)
+                    .TypeConstraint("T", t)
+                    .TypeConstraint("U", u)
+                    .TypeConstraint("S", s)
+                    .Build(),
+                "UnsupportedTypesOp", CreateUnsupportedTypesOp);
+          }
         }
       }
     }

@@ -1,0 +1,153 @@
+"""GPU benchmark: tf_layernorm's CUDA kernels (through the TF-free harness)
+vs PyTorch's native layer_norm, forward, backward and both.
+
+    python bench/bench_gpu.py [--out DIR] [--quick]
+
+Each implementation runs inside a CUDA graph of --iters calls (no Python or
+launch overhead in the timing); time per call = median over --reps replays.
+GB/s counts the bytes a LayerNorm must move: forward 2*M*D*s (read x, write
+y), backward 3*M*D*s (read x and dy, write dx); '% copy' is that against the
+device's measured copy bandwidth (a large tensor copy_, read + write).
+Writes DIR/gpu_<device>.json and .md (default DIR: bench/results).
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
+import harness  # noqa: E402
+
+SHAPES = [(32768, 768), (16384, 1024), (8192, 4096), (4096, 8192), (2048, 16384), (256, 65536)]
+DTYPES = [torch.bfloat16, torch.float32]
+EPS = 1e-5
+
+
+def time_graph(fn, iters, reps):
+    """Median ms per fn() call, fn captured iters times in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm-up outside capture (allocator, lazy init)
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    n = 1 << 28  # 1 GiB of float32
+    src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = time_graph(lambda: dst.copy_(src), 10, 10)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def bench_shape(k, m, d, dtype, iters, reps):
+    x = torch.randn(m, d, dtype=dtype, device="cuda")
+    dy = torch.randn_like(x)
+    w = torch.randn(d, dtype=dtype, device="cuda")
+    b = torch.randn(d, dtype=dtype, device="cuda")
+    geom = (m, d, 1)
+    y, mean, rstd = k.forward(x, w, b, EPS, geom)
+    t_y, t_mean, t_rstd = torch.ops.aten.native_layer_norm(x, [d], w, b, EPS)
+    mask = [True, True, True]
+
+    res = {}
+    res["ours_fwd"] = time_graph(lambda: k.forward(x, w, b, EPS, geom, y=y), iters, reps)
+    res["torch_fwd"] = time_graph(lambda: torch.ops.aten.native_layer_norm(x, [d], w, b, EPS),
+                                  iters, reps)
+    res["ours_bwd"] = time_graph(lambda: k.backward(dy, x, w, mean, rstd, geom), iters, reps)
+    res["torch_bwd"] = time_graph(lambda: torch.ops.aten.native_layer_norm_backward(
+        dy, x, [d], t_mean, t_rstd, w, b, mask), iters, reps)
+
+    def ours_both():
+        yy, mm, rr = k.forward(x, w, b, EPS, geom)
+        k.backward(dy, x, w, mm, rr, geom)
+
+    def torch_both():
+        yy, mm, rr = torch.ops.aten.native_layer_norm(x, [d], w, b, EPS)
+        torch.ops.aten.native_layer_norm_backward(dy, x, [d], mm, rr, w, b, mask)
+
+    res["ours_both"] = time_graph(ours_both, iters, reps)
+    res["torch_both"] = time_graph(torch_both, iters, reps)
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--quick", action="store_true", help="two shapes, fewer repetitions")
+    args = p.parse_args()
+    reason = harness.skip_reason()
+    if reason:
+        print("bench_gpu: cannot run: " + reason)
+        return 1
+    k = harness.Kernels()
+    name = torch.cuda.get_device_name()
+    copy = copy_bandwidth()
+    print("device: %s; measured copy bandwidth %.0f GB/s" % (name, copy), flush=True)
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    reps = 5 if args.quick else args.reps
+    rows = []
+    for (m, d) in shapes:
+        for dtype in DTYPES:
+            r = bench_shape(k, m, d, dtype, args.iters, reps)
+            s = torch.tensor([], dtype=dtype).element_size()
+            gb = {"fwd": 2 * m * d * s / 1e9, "bwd": 3 * m * d * s / 1e9, "both": 5 * m * d * s / 1e9}
+            for mode in ("fwd", "bwd", "both"):
+                ours, ref = r["ours_" + mode], r["torch_" + mode]
+                gbps = gb[mode] / (ours * 1e-3)
+                rows.append(dict(shape="%dx%d" % (m, d), dtype=str(dtype).replace("torch.", ""),
+                                 mode=mode, ours_ms=ours, torch_ms=ref, ours_gbps=gbps,
+                                 torch_gbps=gb[mode] / (ref * 1e-3), pct_copy=100 * gbps / copy,
+                                 speedup=ref / ours))
+                print("%-10s %-9s %-5s ours %.4f ms (%.0f GB/s, %.0f%% copy)  torch %.4f ms  %.2fx"
+                      % (rows[-1]["shape"], rows[-1]["dtype"], mode, ours, gbps, rows[-1]["pct_copy"],
+                         ref, ref / ours), flush=True)
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    os.makedirs(args.out, exist_ok=True)
+    meta = dict(device=name, copy_gbps=copy, torch=torch.__version__,
+                cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"))
+    with open(os.path.join(args.out, "gpu_%s.json" % slug), "w") as f:
+        json.dump(dict(meta, results=rows), f, indent=1)
+    lines = ["# GPU LayerNorm benchmark: %s" % name, "",
+             "%s; measured copy bandwidth %.0f GB/s; torch %s (CUDA %s). Median ms per call in a "
+             "CUDA graph; GB/s counts 2·M·D·s forward, 3·M·D·s backward, 5·M·D·s both; "
+             "speed-up = PyTorch time / ours." % (meta["date"], copy, meta["torch"], meta["cuda"]),
+             "", "| shape | dtype | pass | ours ms | GB/s | % copy | PyTorch ms | PyTorch GB/s | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| %s | %s | %s | %.4f | %.0f | %.0f%% | %.4f | %.0f | %.2fx |" % (
+            r["shape"], r["dtype"], r["mode"], r["ours_ms"], r["ours_gbps"], r["pct_copy"],
+            r["torch_ms"], r["torch_gbps"], r["speedup"]))
+    with open(os.path.join(args.out, "gpu_%s.md" % slug), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("wrote %s/gpu_%s.{json,md}" % (args.out, slug))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+// CUDA kernels for fused Layer Normalization: the launch API. Free of
+// TensorFlow and of CUDA headers, so the TF binding (g++) and a TF-free test
+// harness (nvcc + PyTorch) call the same entry points.
+//
+// Geometry, dtypes and semantics are those of the CPU kernels
+// (layer_norm_cpu.h): x is [outer, D, inner], statistics are [outer, inner];
+// gamma/beta == nullptr switch scale/offset off; D == 0 gives NaN statistics.
+// x in {float32, float16, bfloat16, float64}; parameters of x's dtype, or
+// float32 for float16/bfloat16 x; statistics float32 (float64 for float64).
+//
+// Every call validates its arguments and returns a status; it never aborts.
+// Work is enqueued on `stream`; nothing synchronizes the host.
+#ifndef TF_LAYERNORM_CC_KERNELS_LAYER_NORM_GPU_H_
+#define TF_LAYERNORM_CC_KERNELS_LAYER_NORM_GPU_H_
+
+#include <cstddef>
+#include <cstdint>
+
+struct CUstream_st;  // cudaStream_t is CUstream_st*
+
+namespace tf_layernorm {
+namespace gpu {
+
+using Stream = CUstream_st*;
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+enum class Status : int {
+  kOk = 0,
+  kInvalidArgument = 1,  // bad geometry, dtype combination, pointer or epsilon
+  kCudaError = 2,        // a CUDA call failed; Result::message says which error
+};
+
+struct Result {
+  Status status = Status::kOk;
+  int cuda_error = 0;         // cudaError_t when status == kCudaError
+  const char* message = "";  // static string, never freed
+  bool ok() const { return status == Status::kOk; }
+};
+
+struct Geometry {
+  int64_t outer = 0;
+  int64_t norm = 0;  // D
+  int64_t inner = 1;
+};
+
+struct ForwardArgs {
+  DType x_type = DType::kFloat32;
+  DType param_type = DType::kFloat32;
+  Geometry geometry;
+  const void* x = nullptr;
+  const void* gamma = nullptr;  // nullptr: no scale
+  const void* beta = nullptr;   // nullptr: no offset
+  double epsilon = 1e-5;
+  void* y = nullptr;
+  void* mean = nullptr;  // [outer, inner], float32 (float64 for float64 x)
+  void* rstd = nullptr;
+};
+
+struct BackwardArgs {
+  DType x_type = DType::kFloat32;
+  DType param_type = DType::kFloat32;
+  Geometry geometry;
+  const void* dy = nullptr;
+  const void* x = nullptr;
+  const void* gamma = nullptr;  // nullptr: the forward had no scale
+  const void* mean = nullptr;
+  const void* rstd = nullptr;
+  void* dx = nullptr;
+  void* dgamma = nullptr;  // must be set exactly when gamma is
+  void* dbeta = nullptr;   // nullptr: not wanted
+  void* workspace = nullptr;  // LayerNormBackwardWorkspaceBytes() bytes, 16-byte aligned
+  size_t workspace_bytes = 0;
+};
+
+// y, mean, rstd = LayerNorm(x) over D.
+Result LayerNormForward(const ForwardArgs& args, Stream stream);
+
+// Scratch the backward needs for deterministic dgamma/dbeta partials on the
+// current CUDA device (it depends on the device's SM count, never on timing).
+Result LayerNormBackwardWorkspaceBytes(const BackwardArgs& args, size_t* bytes);
+
+// dx, dgamma, dbeta. dgamma/dbeta are reduced over outer and inner in a fixed
+// order: bitwise repeatable for a given device and shape.
+Result LayerNormBackward(const BackwardArgs& args, Stream stream);
+
+}  // namespace gpu
+}  // namespace tf_layernorm
+
+#endif  // TF_LAYERNORM_CC_KERNELS_LAYER_NORM_GPU_H_

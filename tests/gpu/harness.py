@@ -1,0 +1,160 @@
+"""TF-free harness for the CUDA kernels: compiles cc/kernels/layer_norm_gpu.cu
+with nvcc into a small shared library with a C ABI (tests/gpu/harness_capi.cc)
+and calls it on PyTorch CUDA tensors, on PyTorch's current stream.
+
+A GPU test machine has nvcc and PyTorch but no TensorFlow; this is how the
+kernels the TF op launches get verified there.
+"""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SOURCES = [
+    os.path.join(ROOT, "cc", "kernels", "layer_norm_gpu.cu"),
+    os.path.join(ROOT, "tests", "gpu", "harness_capi.cc"),
+]
+HEADERS = [os.path.join(ROOT, "cc", "kernels", "layer_norm_gpu.h")]
+BUILD_DIR = os.environ.get("TFLN_HARNESS_BUILD_DIR", os.path.join(ROOT, "build", "gpu_harness"))
+
+# layer_norm_gpu.h: enum class DType
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+STATUS = {0: "ok", 1: "invalid argument", 2: "CUDA error"}
+
+
+class KernelError(RuntimeError):
+    def __init__(self, status, message):
+        super().__init__("%s: %s" % (STATUS.get(status, status), message))
+        self.status = status
+
+
+def find_nvcc():
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(env)
+        if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return os.path.join(root, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def skip_reason():
+    """Why the harness cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to PyTorch"
+    if find_nvcc() is None:
+        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+def _arch():
+    major, minor = torch.cuda.get_device_capability()
+    return "%d%d" % (major, minor)
+
+
+def build():
+    """Compiles the harness library for the current GPU (cached by source hash)."""
+    h = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    arch = _arch()
+    h.update(arch.encode())
+    lib = os.path.join(BUILD_DIR, "libtfln_harness_%s.so" % h.hexdigest()[:16])
+    if not os.path.exists(lib):
+        os.makedirs(BUILD_DIR, exist_ok=True)
+        cmd = [find_nvcc(), "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC",
+               "-gencode", "arch=compute_%s,code=sm_%s" % (arch, arch),
+               "-I", ROOT, "-o", lib + ".tmp"] + SOURCES
+        subprocess.run(cmd, check=True)
+        os.replace(lib + ".tmp", lib)
+    return lib
+
+
+class Kernels:
+    def __init__(self, path=None):
+        self.lib = ctypes.CDLL(path or build())
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        msg = ctypes.POINTER(ctypes.c_char_p)
+        self.lib.tfln_forward.argtypes = [i32, i32, i64, i64, i64, p, p, p, ctypes.c_double,
+                                          p, p, p, p, msg]
+        self.lib.tfln_backward_workspace.argtypes = [i32, i32, i64, i64, i64, p, p, p,
+                                                     ctypes.POINTER(ctypes.c_size_t), msg]
+        self.lib.tfln_backward.argtypes = [i32, i32, i64, i64, i64, p, p, p, p, p, p, p, p,
+                                           p, ctypes.c_size_t, p, msg]
+        for f in (self.lib.tfln_forward, self.lib.tfln_backward_workspace, self.lib.tfln_backward):
+            f.restype = i32
+
+    @staticmethod
+    def _check(status, message):
+        if status != 0:
+            raise KernelError(status, message.value.decode() if message.value else "")
+
+    @staticmethod
+    def _ptr(t):
+        return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+    def raw_forward(self, x_type, param_type, geometry, x, gamma, beta, eps, y, mean, rstd):
+        """Pointers as given (ints or tensors), for argument-validation tests."""
+        message = ctypes.c_char_p()
+        status = self.lib.tfln_forward(
+            x_type, param_type, *geometry, *(self._as_ptr(v) for v in (x, gamma, beta)), eps,
+            *(self._as_ptr(v) for v in (y, mean, rstd)),
+            ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(message))
+        return status, (message.value or b"").decode()
+
+    def _as_ptr(self, v):
+        if v is None or isinstance(v, int):
+            return None if v is None else ctypes.c_void_p(v)
+        return self._ptr(v)
+
+    def forward(self, x, gamma, beta, eps, geometry, y=None):
+        """geometry = (outer, D, inner) of x (contiguous); returns y, mean, rstd."""
+        outer, d, inner = geometry
+        stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y = torch.empty_like(x) if y is None else y
+        mean = torch.empty(outer * inner, dtype=stats, device=x.device)
+        rstd = torch.empty(outer * inner, dtype=stats, device=x.device)
+        param_type = DTYPES[gamma.dtype if gamma is not None else
+                            (beta.dtype if beta is not None else x.dtype)]
+        message = ctypes.c_char_p()
+        status = self.lib.tfln_forward(
+            DTYPES[x.dtype], param_type, outer, d, inner, self._ptr(x), self._ptr(gamma),
+            self._ptr(beta), eps, self._ptr(y), self._ptr(mean), self._ptr(rstd),
+            ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(message))
+        self._check(status, message)
+        return y, mean, rstd
+
+    def workspace_bytes(self, x_dtype, param_dtype, geometry, want_dgamma, want_dbeta):
+        n = ctypes.c_size_t()
+        message = ctypes.c_char_p()
+        # Any non-null pointer marks an output as wanted; only the plan is computed.
+        flag = ctypes.c_void_p(16)
+        status = self.lib.tfln_backward_workspace(
+            DTYPES[x_dtype], DTYPES[param_dtype], *geometry, flag if want_dgamma else None,
+            flag if want_dgamma else None, flag if want_dbeta else None, ctypes.byref(n),
+            ctypes.byref(message))
+        self._check(status, message)
+        return n.value
+
+    def backward(self, dy, x, gamma, mean, rstd, geometry, want_dbeta=True, param_dtype=None,
+                 dx=None):
+        """Returns dx, dgamma (None without gamma), dbeta (None unless wanted)."""
+        outer, d, inner = geometry
+        param_dtype = gamma.dtype if gamma is not None else (param_dtype or x.dtype)
+        dx = torch.empty_like(x) if dx is None else dx
+        dgamma = torch.empty(d, dtype=param_dtype, device=x.device) if gamma is not None else None
+        dbeta = torch.empty(d, dtype=param_dtype, device=x.device) if want_dbeta else None
+        nbytes = self.workspace_bytes(x.dtype, param_dtype, geometry, gamma is not None,
+                                      want_dbeta)
+        ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
+        message = ctypes.c_char_p()
+        status = self.lib.tfln_backward(
+            DTYPES[x.dtype], DTYPES[param_dtype], outer, d, inner, self._ptr(dy), self._ptr(x),
+            self._ptr(gamma), self._ptr(mean), self._ptr(rstd), self._ptr(dx), self._ptr(dgamma),
+            self._ptr(dbeta), self._ptr(ws), nbytes,
+            ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(message))
+        self._check(status, message)
+        return dx, dgamma, dbeta
