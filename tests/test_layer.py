@@ -43,8 +43,13 @@ CASES = [
     ((4, 6, 16), [-2, -1]),
     ((3, 8, 10), 1),          # channel axis of (N, C, L)
     ((2, 3, 4, 5), [1, 3]),   # non-contiguous
+    ((2, 3, 4, 5), [3, 1]),   # unsorted (Keras sorts)
+    ((2, 3, 4, 5), (-1, -3)),  # negative, tuple
+    ((2, 4, 3, 3), 1),        # channel axis of NCHW
+    ((3, 4, 5), [0, 1, 2]),   # every axis
 ]
-CASE_IDS = ["last", "last_two", "channels_NCL", "noncontiguous_1_3"]
+CASE_IDS = ["last", "last_two", "channels_NCL", "noncontiguous_1_3", "unsorted_3_1",
+            "negative_tuple", "channels_NCHW", "all_axes"]
 
 
 # ------------------------------------------------------------------ values --
@@ -103,8 +108,7 @@ def _pair(shape, axis):
     beta = _rand(pshape, 12)
     ours = LayerNorm(axis=axis, epsilon=1e-3)
     ours.build(shape)
-    kaxis = sorted(axis) if isinstance(axis, list) else axis
-    ref = keras.layers.LayerNormalization(axis=kaxis, epsilon=1e-3)
+    ref = keras.layers.LayerNormalization(axis=axis, epsilon=1e-3)
     ref.build(shape)
     assert tuple(ref.gamma.shape) == pshape
     ours.set_weights([gamma, beta])
@@ -498,3 +502,139 @@ def test_duplicate_axis_raises_on_build():
 def test_package_exports():
     assert tf_layernorm.LayerNorm is LayerNorm
     assert callable(tf_layernorm.layer_norm)
+
+
+# --------------------------------------------------- Keras 3.15 parity extras --
+
+@pytest.mark.parametrize("shape,axis", CASES[:4], ids=CASE_IDS[:4])
+def test_rms_scaling_matches_keras(shape, axis):
+    pshape = _param_shape(shape, axis)
+    gamma = _rand(pshape, 21, scale=0.5, offset=1.0)
+    with pytest.warns(UserWarning, match="rms_scaling"):
+        ours = LayerNorm(axis=axis, epsilon=1e-3, rms_scaling=True)
+    with pytest.warns(UserWarning):
+        ref = keras.layers.LayerNormalization(axis=axis, epsilon=1e-3, rms_scaling=True)
+    ours.build(shape)
+    ref.build(shape)
+    assert ours.beta is None and ref.beta is None
+    ours.set_weights([gamma])
+    ref.set_weights([gamma])
+    x = tf.constant(_rand(shape, 22, scale=2.0, offset=1.5))
+    dy = tf.constant(_rand(shape, 23))
+    got = []
+    for layer in (ours, ref):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * dy)
+        gx, gg = tape.gradient(loss, [x, layer.gamma])
+        got.append((y.numpy(), gx.numpy(), np.asarray(gg)))
+    for a, b, what in zip(got[0], got[1], ("y", "dx", "dgamma")):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=what)
+
+
+def test_rms_scaling_round_trips_through_config():
+    with pytest.warns(UserWarning):
+        layer = LayerNorm(rms_scaling=True, epsilon=1e-3)
+    config = layer.get_config()
+    assert config["rms_scaling"] is True
+    with pytest.warns(UserWarning):
+        clone = LayerNorm.from_config(config)
+    assert clone.rms_scaling is True
+    assert LayerNorm().get_config()["rms_scaling"] is False
+
+
+def test_supports_jit_is_false_so_auto_jit_stays_off():
+    from keras.src.trainers.trainer import model_supports_jit
+    ours = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8), LayerNorm()])
+    ref = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8),
+                            keras.layers.LayerNormalization()])
+    assert LayerNorm().supports_jit is False
+    assert model_supports_jit(ref)  # the Keras model would be XLA-compiled on GPU
+    assert not model_supports_jit(ours)
+
+
+def test_compile_jit_compile_true_falls_back_to_the_fused_kernel():
+    # Keras turns jit_compile=True off (with a warning) for models holding a
+    # layer with supports_jit=False, so training runs the fused op.
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), LayerNorm()])
+    with pytest.warns(UserWarning, match="jit_compile"):
+        model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    assert model.jit_compile is False
+    model.fit(np.ones((4, 8), np.float32), np.zeros((4, 4), np.float32), verbose=0)
+
+
+def test_xla_compiled_train_step_matches_fused_training():
+    """A custom train step under tf.function(jit_compile=True) traces the
+    layer in an XLA context: it compiles (composite ops, no custom op) and
+    trains exactly like the fused kernel does."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((64, 8)).astype(np.float32))
+    y = tf.constant((x.numpy() @ rng.standard_normal((8, 1))).astype(np.float32))
+
+    def train(jit):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+                                  LayerNorm(axis=-1), keras.layers.Dense(1)])
+        opt = keras.optimizers.SGD(0.05)
+        opt.build(model.trainable_variables)
+
+        @tf.function(jit_compile=jit)
+        def step(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(xb, training=True) - yb))
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply(grads, model.trainable_variables)
+            return loss
+
+        losses = [float(step(x[i:i + 16], y[i:i + 16])) for i in range(0, 64, 16)] * 1
+        if jit:  # really compiled by XLA: the HLO exists, so no custom op was in it
+            hlo = step.experimental_get_compiler_ir(x[:16], y[:16])(stage="hlo")
+            assert "TfLayernorm" not in hlo
+        return losses, [v.numpy() for v in model.trainable_variables]
+
+    loss_jit, w_jit = train(True)
+    loss_ref, w_ref = train(False)
+    np.testing.assert_allclose(loss_jit, loss_ref, rtol=1e-4)
+    for a, b in zip(w_jit, w_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy,dtype", [("mixed_float16", tf.float16),
+                                          ("mixed_bfloat16", tf.bfloat16)])
+def test_mixed_precision_runs_fused_op_on_half_tensor(policy, dtype):
+    layer = LayerNorm(dtype=policy)
+    layer.build((4, 16))
+    assert layer.gamma.dtype == "float32" and layer.beta.dtype == "float32"
+
+    @tf.function
+    def f(x):
+        return layer(x)
+
+    x = tf.constant(_rand((4, 16), 0, scale=2.0), dtype=dtype)
+    graph = f.get_concrete_function(x).graph
+    fused = [op for op in graph.get_operations() if op.type == "TfLayernorm>LayerNorm"]
+    assert len(fused) == 1
+    op = fused[0]
+    # x goes in as the half tensor (no float32 copy), gamma/beta as float32.
+    assert op.inputs[0].dtype == dtype and op.inputs[1].dtype == tf.float32
+    assert op.inputs[0].op.type == "Placeholder"
+    y = f(x)
+    assert y.dtype == dtype
+    ref = _ref_layer_norm(x.numpy().astype(np.float64), None, None, -1, 1e-5)
+    np.testing.assert_allclose(y.numpy().astype(np.float64), ref, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape,axis", [((0, 8), -1), ((3, 0, 5), -1), ((2, 3, 4), [1, 2])])
+def test_zero_size_inputs_match_keras(shape, axis):
+    ours = LayerNorm(axis=axis, epsilon=1e-3)
+    ref = keras.layers.LayerNormalization(axis=axis, epsilon=1e-3)
+    x = tf.zeros(shape)[:0] if shape[0] == 2 else tf.zeros(shape)
+    y_ours, y_ref = ours(x), ref(x)
+    assert y_ours.shape == y_ref.shape == x.shape
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(ours(x))
+    gx, gg = tape.gradient(loss, [x, ours.gamma])
+    assert gx.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(gg), np.zeros(ours.gamma.shape))

@@ -670,3 +670,128 @@ def test_op_names_are_ours_only():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT [True, True] [True, True]" in proc.stdout, proc.stdout
+
+
+# ---------------------------------------------------------------------- XLA --
+
+XLA_CASES = [((4, 6, 16), -1), ((3, 8, 10), 1), ((2, 3, 4, 5), [1, 3]), ((2, 4, 6), [-2, -1])]
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape,axis", XLA_CASES, ids=["last", "channels", "noncontig", "last2"])
+def test_xla_jit_function_uses_composite_with_same_results(shape, axis, dtype):
+    rng = np.random.default_rng(5)
+    axes = _norm_axes(axis, len(shape))
+    x = tf.cast(rng.standard_normal(shape) * 2 + 1, dtype)
+    gamma = tf.constant(rng.standard_normal(_param_shape(shape, axes)) + 1, tf.float32)
+    beta = tf.constant(rng.standard_normal(_param_shape(shape, axes)), tf.float32)
+    dy = tf.cast(rng.standard_normal(shape), dtype)
+
+    def fwd_bwd(x, gamma, beta):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y = layer_norm(x, gamma, beta, axis=axis)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.cast(dy, tf.float32))
+        return (y,) + tuple(tape.gradient(loss, [x, gamma, beta]))
+
+    jit = tf.function(fwd_bwd, jit_compile=True)
+    hlo = jit.experimental_get_compiler_ir(x, gamma, beta)(stage="hlo")
+    assert "TfLayernorm" not in hlo
+    got = jit(x, gamma, beta)
+    want = tf.function(fwd_bwd)(x, gamma, beta)  # the fused kernels
+    tol = 1e-5 if dtype == tf.float32 else 2e-2
+    for g, w, what in zip(got, want, ("y", "dx", "dgamma", "dbeta")):
+        assert g.dtype == w.dtype, what
+        np.testing.assert_allclose(tf.cast(g, tf.float64).numpy(), tf.cast(w, tf.float64).numpy(),
+                                   rtol=tol, atol=tol, err_msg=what)
+
+
+def test_no_jit_function_still_runs_the_fused_op():
+    f = tf.function(lambda x: layer_norm(x))
+    graph = f.get_concrete_function(tf.TensorSpec([2, 8])).graph
+    assert [op.type for op in graph.get_operations()].count("TfLayernorm>LayerNorm") == 1
+
+
+# ----------------------------------------------------- higher-order gradients --
+
+DD_CASES = [((3, 5, 7), -1), ((3, 5, 7), 1), ((2, 4, 6), [-2, -1]), ((4, 3, 5), [0, 2])]
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["center", "nocenter"])
+@pytest.mark.parametrize("shape,axis", DD_CASES, ids=["last", "channels", "last2", "noncontig"])
+def test_double_backward_matches_torch(shape, axis, center):
+    """A gradient penalty (gradient of a function of dL/dx) against PyTorch's
+    double backward in float64: exercises the gradient of LayerNormGrad."""
+    rng = np.random.default_rng(7)
+    axes = _norm_axes(axis, len(shape))
+    pshape = _param_shape(shape, axes)
+    x, v, w = (rng.standard_normal(shape) for _ in range(3))
+    x = x * 2 + 0.3
+    gamma, beta = rng.standard_normal(pshape) + 1, rng.standard_normal(pshape)
+
+    xt, gt, bt = tf.Variable(x), tf.Variable(gamma), tf.Variable(beta)
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            y = layer_norm(xt, gt, bt if center else None, axis=axis)
+            loss = tf.reduce_sum(y * w)
+        gx, gg = inner.gradient(loss, [xt, gt])
+        penalty = tf.reduce_sum(gx * v) + tf.reduce_sum(tf.square(gx)) + tf.reduce_sum(gg ** 3)
+    ours = outer.gradient(penalty, [xt, gt])
+
+    X = torch.tensor(x, requires_grad=True)
+    G = torch.tensor(gamma, requires_grad=True)
+    B = torch.tensor(beta) if center else None
+    perm = [d for d in range(len(shape)) if d not in axes] + list(axes)
+    Y = torch.nn.functional.layer_norm(X.permute(perm), pshape, G, B, 1e-5)
+    L = (Y * torch.tensor(w).permute(perm)).sum()
+    GX, GG = torch.autograd.grad(L, [X, G], create_graph=True)
+    P = (GX * torch.tensor(v)).sum() + (GX ** 2).sum() + (GG ** 3).sum()
+    ref = torch.autograd.grad(P, [X, G])
+    for o, r, what in zip(ours, ref, ("x", "gamma")):
+        np.testing.assert_allclose(o.numpy(), r.numpy(), rtol=1e-9, atol=1e-9, err_msg=what)
+
+
+def test_hessian_vector_product_float32():
+    rng = np.random.default_rng(8)
+    x = tf.Variable(rng.standard_normal((6, 32)).astype(np.float32))
+    v = tf.constant(rng.standard_normal((6, 32)).astype(np.float32))
+    w = tf.constant(rng.standard_normal((6, 32)).astype(np.float32))
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = tf.reduce_sum(tf.sin(layer_norm(x)) * w)
+        g = inner.gradient(loss, x)
+        gv = tf.reduce_sum(g * v)
+    hvp = outer.gradient(gv, x).numpy()
+
+    X = torch.tensor(x.numpy().astype(np.float64), requires_grad=True)
+    L = (torch.sin(torch.nn.functional.layer_norm(X, (32,), eps=1e-5))
+         * torch.tensor(w.numpy().astype(np.float64))).sum()
+    (G,) = torch.autograd.grad(L, X, create_graph=True)
+    (H,) = torch.autograd.grad((G * torch.tensor(v.numpy().astype(np.float64))).sum(), X)
+    np.testing.assert_allclose(hvp, H.numpy(), rtol=2e-4, atol=2e-4)
+
+
+# -------------------------------------------------------------- determinism --
+
+def test_runs_and_repeats_under_enable_op_determinism(tmp_path):
+    code = textwrap.dedent("""
+        import numpy as np, tensorflow as tf
+        tf.config.experimental.enable_op_determinism()
+        import tf_layernorm as tfln
+        rng = np.random.default_rng(0)
+        x = tf.constant(rng.standard_normal((512, 384)).astype(np.float32) * 3 + 1)
+        g = tf.Variable(np.ones(384, np.float32)); b = tf.Variable(np.zeros(384, np.float32))
+        dy = tf.constant(rng.standard_normal((512, 384)).astype(np.float32))
+        def run():
+            with tf.GradientTape() as t:
+                t.watch(x)
+                y = tfln.layer_norm(x, g, b)
+                loss = tf.reduce_sum(y * dy)
+            return [y.numpy()] + [a.numpy() for a in t.gradient(loss, [x, g, b])]
+        a, b2 = run(), run()
+        assert all(np.array_equal(u.view(np.uint32), w.view(np.uint32)) for u, w in zip(a, b2))
+        print("OK")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]

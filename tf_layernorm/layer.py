@@ -1,4 +1,6 @@
 """The Keras layer. It holds weights and configuration; the math is in ops."""
+import warnings
+
 import keras
 import tensorflow as tf
 
@@ -23,14 +25,32 @@ class LayerNorm(keras.layers.Layer):
       beta_constraint, gamma_constraint: optional constraints.
       in_channels: if > 0, the size of the (single) normalized axis; the
         weights are then created at construction instead of at first call.
-      **kwargs: base layer arguments (`name`, `dtype`, `trainable`, ...).
+      **kwargs: base layer arguments (`name`, `dtype`, `trainable`, ...), and
+        `rms_scaling`, accepted and computed as Keras 3.15 does (deprecated
+        there: x * rsqrt(var + epsilon) * gamma with no mean subtraction and
+        no beta; composite ops, not the fused kernel). For RMS normalization
+        use `keras.layers.RMSNormalization`.
+
+    `supports_jit` is False: with `jit_compile="auto"` Keras then runs the
+    fused kernel instead of XLA. Under an explicit XLA compile the layer
+    computes the same math with composite ops.
     """
 
     def __init__(self, axis=-1, epsilon=1e-5, center=True, scale=True,
                  beta_initializer="zeros", gamma_initializer="ones", beta_regularizer=None,
                  gamma_regularizer=None, beta_constraint=None, gamma_constraint=None,
                  in_channels=0, **kwargs):
+        rms_scaling = kwargs.pop("rms_scaling", False)
+        if rms_scaling:
+            warnings.warn(
+                "You passed `rms_scaling=True`, which is deprecated in Keras: it scales the "
+                "input by the variance, not the root mean square, and runs on composite ops "
+                "here. For RMS normalization use keras.layers.RMSNormalization.",
+                stacklevel=2)
         super().__init__(**kwargs)
+        self.rms_scaling = bool(rms_scaling)
+        # XLA cannot compile the custom op: keep Keras's jit_compile="auto" off.
+        self.supports_jit = False
         ops._check_axis_type(axis)
         self.axis = list(axis) if isinstance(axis, (list, tuple)) else axis
         self.epsilon = ops._check_epsilon(epsilon)
@@ -63,12 +83,12 @@ class LayerNorm(keras.layers.Layer):
         return [self.axis] if isinstance(self.axis, int) else list(self.axis)
 
     def _create_weights(self, shape):
-        if self.scale:
+        if self.scale or self.rms_scaling:
             self.gamma = self.add_weight(
                 name="gamma", shape=shape, initializer=self.gamma_initializer,
                 regularizer=self.gamma_regularizer, constraint=self.gamma_constraint,
                 trainable=True, autocast=False)
-        if self.center:
+        if self.center and not self.rms_scaling:
             self.beta = self.add_weight(
                 name="beta", shape=shape, initializer=self.beta_initializer,
                 regularizer=self.beta_regularizer, constraint=self.beta_constraint,
@@ -91,8 +111,11 @@ class LayerNorm(keras.layers.Layer):
                 raise ValueError(
                     f"LayerNorm was built with in_channels={self.in_channels}, but axis "
                     f"{self.axis} of the input (shape {tuple(inputs.shape)}) has size {got}")
-        outputs = ops.layer_norm(inputs, self.gamma, self.beta, axis=self.axis,
-                                 epsilon=self.epsilon)
+        if self.rms_scaling:
+            outputs = ops.keras_rms_scaling(inputs, self.gamma, self.axis, self.epsilon)
+        else:
+            outputs = ops.layer_norm(inputs, self.gamma, self.beta, axis=self.axis,
+                                     epsilon=self.epsilon)
         if outputs.dtype != self.compute_dtype:
             outputs = tf.cast(outputs, self.compute_dtype)
         return outputs
@@ -108,6 +131,7 @@ class LayerNorm(keras.layers.Layer):
             "epsilon": self.epsilon,
             "center": self.center,
             "scale": self.scale,
+            "rms_scaling": self.rms_scaling,
             "beta_initializer": keras.initializers.serialize(self.beta_initializer),
             "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
             "beta_regularizer": keras.regularizers.serialize(self.beta_regularizer),

@@ -7,7 +7,9 @@ import threading
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops
 from tensorflow.python.framework import tensor_util
+from tensorflow.python.ops import control_flow_util
 
 _LIBRARY_NAME = "_layer_norm_ops.so"
 _BUILD_INFO_NAME = "_build_info.json"
@@ -198,6 +200,10 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5, name=None):
             param_dtype = _param_dtype(x.dtype, next(iter(params.values())))
         for k in params:
             params[k] = tf.cast(params[k], param_dtype)
+        if _in_xla_context():
+            # XLA cannot run a custom op; the same math in composite ops can.
+            return _composite_layer_norm(x, params.get("gamma"), params.get("beta"), axes,
+                                         epsilon)
         empty = tf.zeros([0], dtype=param_dtype)
         g = params.get("gamma", empty)
         b = params.get("beta", empty)
@@ -219,6 +225,68 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5, name=None):
 
 def _stats_dtype(x_dtype):
     return tf.float64 if x_dtype == tf.float64 else tf.float32
+
+
+def _in_xla_context():
+    """True while tracing for XLA (tf.function(jit_compile=True), Keras
+    jit_compile=True), where a custom op cannot be compiled."""
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph())
+
+
+def _broadcast_param(p, x, axes):
+    """p (shape of x's dims at `axes`) reshaped to broadcast against x."""
+    if p is None:
+        return None
+    rank = x.shape.rank
+    if rank is None:  # contiguous negative axes: the normalized dims end at -1 - k
+        last = axes[-1]
+        trailing = -1 - last if last < 0 else None
+        if trailing is None:
+            raise ValueError("unknown-rank x needs negative axes")
+        return tf.reshape(p, tf.concat([tf.shape(p), tf.ones([trailing], tf.int32)], 0))
+    shape = [1] * rank
+    for i, a in enumerate(axes):
+        shape[a] = -1 if x.shape[a] is None else x.shape[a]
+    if shape.count(-1) > 1:
+        dims = tf.unstack(tf.shape(x))
+        shape = [dims[a] if a in axes else 1 for a in range(rank)]
+    return tf.reshape(p, shape)
+
+
+def _composite_layer_norm(x, gamma, beta, axes, epsilon):
+    """layer_norm in plain TF ops: the numerics of the fused kernels (statistics
+    in float32, or float64 for float64 x; two-pass variance; y in x's dtype),
+    for XLA contexts. Gradients come from TF's autodiff."""
+    s = _stats_dtype(x.dtype)
+    xs = tf.cast(x, s)
+    mean = tf.reduce_mean(xs, axis=axes, keepdims=True)
+    centered = xs - mean
+    var = tf.reduce_mean(tf.square(centered), axis=axes, keepdims=True)
+    y = centered * tf.math.rsqrt(var + tf.cast(epsilon, s))
+    if gamma is not None:
+        y = y * tf.cast(_broadcast_param(gamma, x, axes), s)
+    if beta is not None:
+        y = y + tf.cast(_broadcast_param(beta, x, axes), s)
+    return tf.cast(y, x.dtype)
+
+
+def keras_rms_scaling(x, gamma, axis, epsilon):
+    """What keras.layers.LayerNormalization(rms_scaling=True) computes in Keras
+    3.15 (a deprecated option): x * rsqrt(var(x) + epsilon) * gamma, with the
+    *centered* variance and no mean subtraction. Composite ops, in float32
+    (float64 for float64 x) like Keras; kept only for drop-in parity."""
+    x = tf.convert_to_tensor(x)
+    _check_x(x)
+    axes = _normalize_axes(axis, x.shape.rank)
+    s = _stats_dtype(x.dtype)
+    xs = tf.cast(x, s)
+    var = tf.math.reduce_variance(xs, axis=axes, keepdims=True)
+    y = xs * tf.math.rsqrt(var + tf.cast(epsilon, s))
+    if gamma is not None:
+        y = y * tf.cast(_broadcast_param(tf.convert_to_tensor(gamma), x, axes), s)
+    return tf.cast(y, x.dtype)
 
 
 def _fused(x, gamma, beta, begin, num, epsilon, scale, center):
@@ -279,3 +347,54 @@ def _layer_norm_grad(op, dy, dmean, drstd):
             contrib = contrib - drstd * rstd * rstd * rstd * (xs - mean) / d
         dx = dx + tf.cast(contrib, dx.dtype)
     return dx, (dgamma if scale else None), (dbeta if center else None)
+
+
+def _composite_backward(dy, x, gamma, mean, rstd, begin, num, scale):
+    """LayerNormGrad in plain TF ops (statistics dtype), as a function of all
+    five inputs: differentiating it gives the backward's own gradient."""
+    s = mean.dtype
+    rank = tf.rank(x)
+    b = begin if begin >= 0 else begin + rank
+    axes = tf.range(b, b + num)
+    other = tf.concat([tf.range(0, b), tf.range(b + num, rank)], 0)
+    xs, dys = tf.cast(x, s), tf.cast(dy, s)
+    xhat = (xs - mean) * rstd
+    g = dys
+    if scale:
+        # gamma has the normalized dims; ones for the dims after them.
+        shape = tf.concat([tf.shape(gamma), tf.ones([rank - b - num], tf.int32)], 0)
+        g = g * tf.reshape(tf.cast(gamma, s), shape)
+    mean_g = tf.reduce_mean(g, axis=axes, keepdims=True)
+    mean_gx = tf.reduce_mean(g * xhat, axis=axes, keepdims=True)
+    dx = rstd * (g - mean_g - xhat * mean_gx)
+    dgamma = tf.reduce_sum(dys * xhat, axis=other)
+    dbeta = tf.reduce_sum(dys, axis=other)
+    return dx, dgamma, dbeta
+
+
+@tf.RegisterGradient(LAYER_NORM_GRAD_OP)
+def _layer_norm_grad_grad(op, ddx, ddgamma, ddbeta):
+    """Second-order gradients (gradient penalties, Hessian-vector products):
+    autodiff of the composite backward. mean and rstd are inputs here; their
+    dependence on x is carried by the forward op's gradient."""
+    dy, x, gamma, mean, rstd = op.inputs
+    scale = op.get_attr("scale")
+    center = op.get_attr("center")
+    begin = op.get_attr("begin_norm_axis")
+    num = op.get_attr("num_norm_axes")
+    inputs = [dy, x, mean, rstd] + ([gamma] if scale else [])
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        dx, dgamma, dbeta = _composite_backward(dy, x, gamma, mean, rstd, begin, num, scale)
+    targets, upstream = [dx], [tf.cast(ddx, dx.dtype) if ddx is not None else tf.zeros_like(dx)]
+    if scale and ddgamma is not None:
+        targets.append(dgamma)
+        upstream.append(tf.cast(ddgamma, dgamma.dtype))
+    if center and ddbeta is not None:
+        targets.append(dbeta)
+        upstream.append(tf.cast(ddbeta, dbeta.dtype))
+    grads = tape.gradient(targets, inputs, output_gradients=upstream,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    d_dy, d_x, d_mean, d_rstd = (tf.cast(g, t.dtype) for g, t in zip(grads[:4], inputs[:4]))
+    d_gamma = tf.cast(grads[4], gamma.dtype) if scale else None
+    return d_dy, d_x, d_gamma, d_mean, d_rstd
