@@ -98,3 +98,21 @@ def test_library_links_tensorflow_framework_not_bundles_it():
     if out.returncode != 0:
         pytest.fail("readelf failed: " + out.stderr)
     assert "libtensorflow_framework.so.2" in out.stdout
+
+
+def test_kernels_link_statically_like_tf_serving():
+    """TF Serving links //cc:layer_norm_ops_lib into its binary instead of
+    loading the .so; alwayslink must keep the op and kernel registrations of
+    a library nothing references (tests/serving/static_link_check.cc)."""
+    bazel = shutil.which(os.environ.get("BAZEL", "bazel"))
+    if bazel is None:
+        pytest.skip("bazel is not on PATH")
+    build = subprocess.run([bazel, "build", "//tests/serving:static_link_check"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=1200)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([os.path.join(ROOT, "bazel-bin", "tests", "serving", "static_link_check")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    for op in ("TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad"):
+        assert f"op {op}: registered" in run.stdout
+    assert "device='CPU'; T in [DT_FLOAT]; U in [DT_FLOAT]; S in [DT_FLOAT]" in run.stdout
