@@ -52,6 +52,8 @@ struct V {
   static R LoadN(const float* p, int64_t n) { return _mm256_maskload_ps(p, LaneMask(n)); }
   static void Store(float* p, R v) { _mm256_storeu_ps(p, v); }
   static void StoreN(float* p, R v, int64_t n) { _mm256_maskstore_ps(p, LaneMask(n), v); }
+  static void StoreStream(float* p, R v) { _mm256_stream_ps(p, v); }
+  static void Fence() { _mm_sfence(); }
 
   // bfloat16: a 16-bit shift up; down with round to nearest even and
   // NaN -> sign | 0x7fc0, as Eigen's float_to_bfloat16_rtne.
@@ -79,6 +81,9 @@ struct V {
   }
   static void Store(BF16* p, R v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), NarrowBF16(v));
+  }
+  static void StoreStream(BF16* p, R v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), NarrowBF16(v));
   }
   static void StoreN(BF16* p, R v, int64_t n) {
     alignas(16) uint16_t buf[8];
@@ -124,6 +129,9 @@ struct V {
   }
   static void Store(F16* p, R v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), NarrowF16(v));
+  }
+  static void StoreStream(F16* p, R v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), NarrowF16(v));
   }
   static void StoreN(F16* p, R v, int64_t n) {
     alignas(16) uint16_t buf[8];

@@ -45,6 +45,8 @@ struct V {
   static R LoadN(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(Mask(n), p); }
   static void Store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static void StoreN(float* p, R v, int64_t n) { _mm512_mask_storeu_ps(p, Mask(n), v); }
+  static void StoreStream(float* p, R v) { _mm512_stream_ps(p, v); }
+  static void Fence() { _mm_sfence(); }
 
   // bfloat16: a 16-bit shift up; down with round to nearest even and
   // NaN -> sign | 0x7fc0, as Eigen's float_to_bfloat16_rtne. (AVX512_BF16's
@@ -71,6 +73,9 @@ struct V {
   }
   static void Store(BF16* p, R v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), NarrowBF16(v));
+  }
+  static void StoreStream(BF16* p, R v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), NarrowBF16(v));
   }
   static void StoreN(BF16* p, R v, int64_t n) { _mm256_mask_storeu_epi16(p, Mask(n), NarrowBF16(v)); }
 
@@ -104,6 +109,9 @@ struct V {
   static R LoadN(const F16* p, int64_t n) { return WidenF16(_mm256_maskz_loadu_epi16(Mask(n), p)); }
   static void Store(F16* p, R v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), NarrowF16(v));
+  }
+  static void StoreStream(F16* p, R v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), NarrowF16(v));
   }
   static void StoreN(F16* p, R v, int64_t n) { _mm256_mask_storeu_epi16(p, Mask(n), NarrowF16(v)); }
 };

@@ -99,6 +99,8 @@ struct V {
     return _mm_load_ps(buf);
   }
   static void Store(float* p, R v) { _mm_storeu_ps(p, v); }
+  static void StoreStream(float* p, R v) { _mm_stream_ps(p, v); }
+  static void Fence() { _mm_sfence(); }
   static void StoreN(float* p, R v, int64_t n) {
     alignas(16) float buf[4];
     _mm_store_ps(buf, v);
@@ -134,6 +136,9 @@ struct V {
   static void Store(BF16* p, R v) {
     _mm_storel_epi64(reinterpret_cast<__m128i*>(p), NarrowBF16(v));
   }
+  static void StoreStream(BF16* p, R v) {
+    _mm_stream_si64(reinterpret_cast<long long*>(p), _mm_cvtsi128_si64(NarrowBF16(v)));
+  }
   static void StoreN(BF16* p, R v, int64_t n) {
     alignas(16) uint16_t buf[8];
     _mm_store_si128(reinterpret_cast<__m128i*>(buf), NarrowBF16(v));
@@ -153,6 +158,7 @@ struct V {
     for (int64_t i = 0; i < n; ++i) p[i].bits = FloatToHalfBits(buf[i]);
   }
   static void Store(F16* p, R v) { StoreN(p, v, 4); }
+  static void StoreStream(F16* p, R v) { StoreN(p, v, 4); }
 };
 
 // double compute on 2-lane SSE2 registers (float64 x and parameters).
@@ -178,6 +184,8 @@ struct VD {
   static R Load(const double* p) { return _mm_loadu_pd(p); }
   static R LoadN(const double* p, int64_t n) { return n >= 1 ? _mm_load_sd(p) : Zero(); }
   static void Store(double* p, R v) { _mm_storeu_pd(p, v); }
+  static void StoreStream(double* p, R v) { _mm_stream_pd(p, v); }
+  static void Fence() { _mm_sfence(); }
   static void StoreN(double* p, R v, int64_t n) {
     if (n >= 1) _mm_store_sd(p, v);
   }

@@ -11,7 +11,9 @@
 //   Zero, Set1, Add, Sub, Mul, Div, Sqrt, MulAdd(a, b, c) = a * b + c, Sum
 //   (horizontal, fixed order), First (lane 0), KeepN(v, n) (zero lanes >= n),
 //   and for each storage type S it handles: Load(const S*), LoadN(const S*, n)
-//   (n < kW lanes, the rest 0), Store(S*, R), StoreN(S*, R, n).
+//   (n < kW lanes, the rest 0), Store(S*, R), StoreN(S*, R, n), and
+//   StoreStream(S*, R) (non-temporal, 64-byte aligned full vectors) with
+//   Fence() to order those stores before the range returns.
 //
 // Numerics (as before the ISA split): statistics in V::C; the mean from sums
 // shifted by the row's first element (rows like 1e4 + N(0, 1) keep their
@@ -139,11 +141,20 @@ void ForwardRows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
     mean[r] = mu;
     rstd[r] = rs;
     const R rsv = V::Set1(rs);
-    ForVectors<V>(n, [&](int64_t i, int64_t k) {
-      const R xhat = V::Mul(V::Sub(LoadK<V>(xr + i, k), muv), rsv);
-      StoreK<V>(yr + i, Affine<V, P, kScale, kCenter>(xhat, gamma, beta, i, k), k);
-    });
+    if (a.stream) {
+      // The driver guarantees n is a multiple of kW and rows are aligned.
+      for (int64_t i = 0; i < n; i += V::kW) {
+        const R xhat = V::Mul(V::Sub(V::Load(xr + i), muv), rsv);
+        V::StoreStream(yr + i, Affine<V, P, kScale, kCenter>(xhat, gamma, beta, i, V::kW));
+      }
+    } else {
+      ForVectors<V>(n, [&](int64_t i, int64_t k) {
+        const R xhat = V::Mul(V::Sub(LoadK<V>(xr + i, k), muv), rsv);
+        StoreK<V>(yr + i, Affine<V, P, kScale, kCenter>(xhat, gamma, beta, i, k), k);
+      });
+    }
   }
+  if (a.stream) V::Fence();
 }
 
 // Largest column chunk of the inner > 1 layout (the driver picks the chunk,
@@ -221,10 +232,16 @@ void ForwardColumns(const ForwardArgs& a, int64_t unit_begin, int64_t unit_end) 
         } else if (kCenter) {
           t = V::Add(t, bd);
         }
-        StoreK<V>(yr + j, t, k);
+        // Streaming implies whole aligned vectors (k == kW).
+        if (a.stream) {
+          V::StoreStream(yr + j, t);
+        } else {
+          StoreK<V>(yr + j, t, k);
+        }
       });
     }
   }
+  if (a.stream) V::Fence();
 }
 
 // ----------------------------------------------------------------- backward --
@@ -248,7 +265,7 @@ template <class V, class S, class P, bool kScale, bool kCenter, bool kFirst>
 inline void BackwardRow(int64_t n, const S* __restrict xr, const S* __restrict dyr,
                         const P* __restrict gamma, typename V::C mu, typename V::C rs,
                         S* __restrict dxr, typename V::C* __restrict pg,
-                        typename V::C* __restrict pb) {
+                        typename V::C* __restrict pb, bool stream) {
   using C = typename V::C;
   using R = typename V::R;
   const R muv = V::Set1(mu), rsv = V::Set1(rs);
@@ -269,6 +286,16 @@ inline void BackwardRow(int64_t n, const S* __restrict xr, const S* __restrict d
   const R mean_g = V::Set1(V::Sum(sg) * inv_n);
   const R mean_gx = V::Set1(V::Sum(sgx) * inv_n);
   // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+  if (stream) {
+    for (int64_t i = 0; i < n; i += V::kW) {
+      const R dyv = V::Load(dyr + i);
+      const R xh = V::Mul(V::Sub(V::Load(xr + i), muv), rsv);
+      const R gv = kScale ? V::Mul(dyv, V::Load(gamma + i)) : dyv;
+      const R t = V::Sub(V::Sub(gv, mean_g), V::Mul(xh, mean_gx));
+      V::StoreStream(dxr + i, V::Mul(rsv, t));
+    }
+    return;
+  }
   ForVectors<V>(n, [&](int64_t i, int64_t k) {
     const R dyv = LoadK<V>(dyr + i, k);
     const R xh = V::Mul(V::Sub(LoadK<V>(xr + i, k), muv), rsv);
@@ -300,15 +327,16 @@ void BackwardRowsBlock(const BackwardArgs& a, int64_t block) {
       const int64_t off = r * n;
       if (r == g0) {
         BackwardRow<V, S, P, kScale, kCenter, true>(n, x + off, dy + off, gamma, mean[r],
-                                                    rstd[r], dx + off, pg1, pb1);
+                                                    rstd[r], dx + off, pg1, pb1, a.stream);
       } else {
         BackwardRow<V, S, P, kScale, kCenter, false>(n, x + off, dy + off, gamma, mean[r],
-                                                     rstd[r], dx + off, pg1, pb1);
+                                                     rstd[r], dx + off, pg1, pb1, a.stream);
       }
     }
     if (kScale) FlushCascade<V>(pg0, pg1, n, g0 == u0);
     if (kCenter) FlushCascade<V>(pb0, pb1, n, g0 == u0);
   }
+  if (a.stream) V::Fence();
 }
 
 template <class V, class S, class P, bool kScale, bool kCenter>
@@ -378,7 +406,11 @@ void BackwardColumnsBlock(const BackwardArgs& a, int64_t block) {
         const R xh = V::Mul(V::Sub(LoadK<V>(xr + j, k), V::Load(mv + j)), rsj);
         const R gv = kScale ? V::Mul(LoadK<V>(dyr + j, k), gd) : LoadK<V>(dyr + j, k);
         const R t = V::Sub(V::Sub(gv, V::Load(sg + j)), V::Mul(xh, V::Load(sgx + j)));
-        StoreK<V>(dxr + j, V::Mul(rsj, t), k);
+        if (a.stream) {
+          V::StoreStream(dxr + j, V::Mul(rsj, t));
+        } else {
+          StoreK<V>(dxr + j, V::Mul(rsj, t), k);
+        }
       });
     }
     const bool group_last = (u - u0) % kCascadeRows == kCascadeRows - 1 || u + 1 == u1;
@@ -388,6 +420,7 @@ void BackwardColumnsBlock(const BackwardArgs& a, int64_t block) {
       if (kCenter) FlushCascade<V>(pb0, pb1, n, block_first);
     }
   }
+  if (a.stream) V::Fence();
 }
 
 // Most backward blocks (see kMaxBlocks in the driver); sizes the pairwise sum.

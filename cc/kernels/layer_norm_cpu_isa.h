@@ -56,6 +56,10 @@ struct ForwardArgs {
   void* y;
   void* mean;
   void* rstd;
+  // Write y with non-temporal stores: set by the driver only when every row
+  // of y starts 64-byte aligned, D fills whole vectors, and y is too large
+  // to still be in cache when the next op reads it.
+  bool stream;
 };
 
 // Everything a backward block needs. Partials: per block, kPartialLevels
@@ -75,6 +79,7 @@ struct BackwardArgs {
   void* dx;
   void* part_g;  // [blocks][2][D] or nullptr when dgamma is not wanted
   void* part_b;  // [blocks][2][D] or nullptr when dbeta is not wanted
+  bool stream;   // dx with non-temporal stores (as ForwardArgs::stream)
 };
 
 // Sums the block partials (level 0 of each block) in a fixed pairwise order
