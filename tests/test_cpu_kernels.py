@@ -294,6 +294,7 @@ _NUMERICS_SCRIPT = """
         tf.config.threading.set_inter_op_parallelism_threads(1)
     import tf_layernorm
     cases = {cases!r}
+    OUTPUTS = {outputs!r}
     out = {{}}
     for i, (shape, axis, dt, pdt) in enumerate(cases):
         rng = np.random.default_rng(i)
@@ -306,10 +307,14 @@ _NUMERICS_SCRIPT = """
             tape.watch([x, g, b])
             y = tf_layernorm.layer_norm(x, g, b, axis=axis)
         dx, dg, db = tape.gradient(y, [x, g, b], output_gradients=dy)
+        with tf.GradientTape() as tape:
+            tape.watch([x, g])
+            ry = tf_layernorm.rms_norm(x, g, axis=axis, epsilon=1e-5)
+        rdx, rdg = tape.gradient(ry, [x, g], output_gradients=dy)
         for k, t in (("x", x), ("g", g), ("b", b), ("dy", dy), ("y", y), ("dx", dx),
-                     ("dg", dg), ("db", db)):
+                     ("dg", dg), ("db", db), ("ry", ry), ("rdx", rdx), ("rdg", rdg)):
             out[f"{{k}}{{i}}"] = tf.cast(t, tf.float64).numpy()
-            if k in ("y", "dx", "dg", "db"):
+            if k in OUTPUTS:
                 out[f"bits_{{k}}{{i}}"] = tf.bitcast(t, tf.uint8).numpy() if t.dtype.size > 1 \\
                     else t.numpy()
     np.savez({path!r}, **out)
@@ -323,7 +328,8 @@ _NUMERICS_SCRIPT = """
 @functools.lru_cache(maxsize=None)
 def _run_cases(isa, threads, tmp_dir):
     path = os.path.join(tmp_dir, f"{isa}-{threads}.npz")
-    script = _NUMERICS_SCRIPT.format(threads=threads, cases=NUMERIC_CASES, path=path)
+    script = _NUMERICS_SCRIPT.format(threads=threads, cases=NUMERIC_CASES, path=path,
+                                     outputs=OUTPUTS)
     proc = _run(script, _env(TF_LAYERNORM_CPU_ISA=isa), tmp_dir)
     assert _isa_of(proc) == isa
     return dict(np.load(path))
@@ -334,19 +340,28 @@ def case_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("isa_cases"))
 
 
+# LayerNorm's y, dx, dgamma, dbeta, then RMSNorm's y, dx, dgamma.
+OUTPUTS = ("y", "dx", "dg", "db", "ry", "rdx", "rdg")
+
+
 def _oracle(x, g, b, dy, axis):
     a = axis % x.ndim
     bshape = [1] * x.ndim
     bshape[a] = x.shape[a]
-    mean = x.mean(axis=a, keepdims=True)
-    rstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(axis=a, keepdims=True) + 1e-5)
-    xh = (x - mean) * rstd
-    y = xh * g.reshape(bshape) + b.reshape(bshape)
-    gv = dy * g.reshape(bshape)
-    dx = rstd * (gv - gv.mean(axis=a, keepdims=True)
-                 - xh * (gv * xh).mean(axis=a, keepdims=True))
     others = tuple(d for d in range(x.ndim) if d != a)
-    return y, dx, (dy * xh).sum(axis=others), dy.sum(axis=others)
+    out = []
+    for rms in (False, True):
+        mean = 0.0 if rms else x.mean(axis=a, keepdims=True)
+        rstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(axis=a, keepdims=True) + 1e-5)
+        xh = (x - mean) * rstd
+        y = xh * g.reshape(bshape) + (0.0 if rms else b.reshape(bshape))
+        gv = dy * g.reshape(bshape)
+        mean_g = 0.0 if rms else gv.mean(axis=a, keepdims=True)
+        dx = rstd * (gv - mean_g - xh * (gv * xh).mean(axis=a, keepdims=True))
+        out += [y, dx, (dy * xh).sum(axis=others)]
+        if not rms:
+            out.append(dy.sum(axis=others))
+    return out
 
 
 # Relative tolerance per x dtype: float32 math, rounded once to the output.
@@ -359,13 +374,13 @@ def test_each_isa_matches_float64_oracle(isa, case_dir):
     got = _run_cases(isa, None, case_dir)
     for i, (shape, axis, dt, pdt) in enumerate(NUMERIC_CASES):
         x, g, b, dy = (got[f"{k}{i}"] for k in ("x", "g", "b", "dy"))
-        for name, ref in zip(("y", "dx", "dg", "db"), _oracle(x, g, b, dy, axis)):
+        for name, ref in zip(OUTPUTS, _oracle(x, g, b, dy, axis)):
             # Outputs are rounded to x's (or the parameters') dtype once; the
             # float32 statistics add a few float32 ulps of the row's scale.
-            out_dt = dt if name in ("y", "dx") else pdt
+            out_dt = dt if name in ("y", "dx", "ry", "rdx") else pdt
             tol = max(_RTOL[out_dt], _RTOL[dt] if dt == "float64" else 2e-5)
             scale = max(1.0, float(np.abs(ref).max()))
-            if name in ("dg", "db"):
+            if name in ("dg", "db", "rdg"):
                 # A sum over the other dims: its error grows with their count.
                 scale *= np.sqrt(x.size / x.shape[axis % x.ndim])
             np.testing.assert_allclose(got[f"{name}{i}"], ref, rtol=tol, atol=tol * scale,
@@ -378,7 +393,7 @@ def test_each_isa_is_bitwise_independent_of_thread_count(isa, case_dir):
     many = _run_cases(isa, None, case_dir)
     one = _run_cases(isa, 1, case_dir)
     for i in DET_CASES:
-        for name in ("y", "dx", "dg", "db"):
+        for name in OUTPUTS:
             key = f"bits_{name}{i}"
             assert one[key].tobytes() == many[key].tobytes(), (isa, NUMERIC_CASES[i], name)
 

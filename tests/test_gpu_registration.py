@@ -10,7 +10,8 @@ from tensorflow.python.framework import kernels
 
 import tf_layernorm as tfln
 
-OPS = ["TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad"]
+OPS = ["TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad", "TfLayernorm>RMSNorm",
+       "TfLayernorm>RMSNormGrad"]
 # (T, U, S): the six valid dtype combinations.
 VALID = {
     ("DT_FLOAT", "DT_FLOAT", "DT_FLOAT"),

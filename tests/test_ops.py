@@ -657,7 +657,8 @@ def test_op_names_are_ours_only():
     script = textwrap.dedent("""
         import tensorflow
         from tensorflow.python.framework import op_def_registry
-        names = ("TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad")
+        names = ("TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad", "TfLayernorm>RMSNorm",
+                 "TfLayernorm>RMSNormGrad")
         before = [op_def_registry.get(n) is None for n in names]
         import tf_layernorm
         after = [op_def_registry.get(n) is not None for n in names]
@@ -669,7 +670,7 @@ def test_op_names_are_ours_only():
     proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "RESULT [True, True] [True, True]" in proc.stdout, proc.stdout
+    assert "RESULT [True, True, True, True] [True, True, True, True]" in proc.stdout, proc.stdout
 
 
 # ---------------------------------------------------------------------- XLA --

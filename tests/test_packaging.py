@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_public_api():
     assert sorted(tfln.__all__) == sorted(
-        ["LayerNorm", "layer_norm", "load_ops", "build_info", "__version__"])
+        ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm", "load_ops", "build_info",
+         "__version__"])
     for name in tfln.__all__:
         assert hasattr(tfln, name)
 
@@ -113,6 +114,7 @@ def test_kernels_link_statically_like_tf_serving():
     run = subprocess.run([os.path.join(ROOT, "bazel-bin", "tests", "serving", "static_link_check")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
-    for op in ("TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad"):
+    for op in ("TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad", "TfLayernorm>RMSNorm",
+               "TfLayernorm>RMSNormGrad"):
         assert f"op {op}: registered" in run.stdout
     assert "device='CPU'; T in [DT_FLOAT]; U in [DT_FLOAT]; S in [DT_FLOAT]" in run.stdout

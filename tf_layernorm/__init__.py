@@ -3,16 +3,19 @@
     import tf_layernorm as tfln
     y = tfln.LayerNorm()(x)              # Keras layer
     y = tfln.layer_norm(x, gamma, beta)  # functional op
+    y = tfln.RMSNorm()(x)                # RMS normalization, same kernels
+    y = tfln.rms_norm(x, gamma)
 
 Importing the package loads the op library, which must happen before a
 SavedModel that uses the ops is loaded.
 """
-from tf_layernorm.ops import build_info, layer_norm, load_ops
+from tf_layernorm.ops import build_info, layer_norm, load_ops, rms_norm
 
 load_ops()
 
-from tf_layernorm.layer import LayerNorm  # noqa: E402  (needs the ops loaded)
+from tf_layernorm.layer import LayerNorm, RMSNorm  # noqa: E402  (needs the ops loaded)
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerNorm", "layer_norm", "load_ops", "build_info", "__version__"]
+__all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm", "load_ops", "build_info",
+           "__version__"]

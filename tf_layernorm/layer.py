@@ -141,3 +141,53 @@ class LayerNorm(keras.layers.Layer):
             "in_channels": self.in_channels,
         })
         return config
+
+
+@keras.saving.register_keras_serializable(package="tf_layernorm")
+class RMSNorm(keras.layers.Layer):
+    """RMS normalization on the fused LayerNorm kernels; a drop-in for
+    `keras.layers.RMSNormalization` (same arguments, defaults, weight name
+    `scale`, config).
+
+    y = x / sqrt(mean(x^2) + epsilon) * scale over `axis`.
+
+    Args:
+      axis: int or list/tuple of ints: the axes to normalize over.
+      epsilon: added to the mean square (default 1e-6, as Keras).
+      **kwargs: base layer arguments (`name`, `dtype`, `trainable`, ...).
+    """
+
+    def __init__(self, axis=-1, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        ops._check_axis_type(axis)
+        self.axis = list(axis) if isinstance(axis, (list, tuple)) else axis
+        self.epsilon = ops._check_epsilon(epsilon)
+        self.supports_masking = True
+        # Half-precision inputs run the kernel with the float32 scale directly.
+        self.autocast = False
+        self.supports_jit = False
+
+    def build(self, input_shape):
+        axes = ops._normalize_axes(self.axis, len(input_shape))
+        shape = tuple(input_shape[a] for a in axes)
+        if any(d is None for d in shape):
+            raise ValueError(
+                f"RMSNorm needs the normalized dims to be known: axis={self.axis!r} of "
+                f"input shape {tuple(input_shape)} gives {shape}")
+        self.scale = self.add_weight(name="scale", shape=shape, initializer="ones",
+                                     autocast=False)
+
+    def call(self, inputs):
+        outputs = ops.rms_norm(inputs, self.scale, axis=self.axis, epsilon=self.epsilon)
+        if outputs.dtype != self.compute_dtype:
+            outputs = tf.cast(outputs, self.compute_dtype)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        ops._normalize_axes(self.axis, len(input_shape))
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"axis": self.axis, "epsilon": self.epsilon})
+        return config

@@ -17,6 +17,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 LAYER_NORM_OP = "TfLayernorm>LayerNorm"
 LAYER_NORM_GRAD_OP = "TfLayernorm>LayerNormGrad"
+RMS_NORM_OP = "TfLayernorm>RMSNorm"
+RMS_NORM_GRAD_OP = "TfLayernorm>RMSNormGrad"
 
 _HALF_DTYPES = (tf.float16, tf.bfloat16)
 _SUPPORTED_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -181,46 +183,68 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5, name=None):
     Differentiable with respect to x, gamma and beta.
     """
     with tf.name_scope(name or "layer_norm"):
-        x = tf.convert_to_tensor(x)
-        _check_x(x)
-        epsilon = _check_epsilon(epsilon)
-        rank = x.shape.rank
-        axes = _normalize_axes(axis, rank)
+        return _normalize(x, {"gamma": gamma, "beta": beta}, axis, epsilon, rms=False)
 
-        params = {}
-        for pname, p in (("gamma", gamma), ("beta", beta)):
-            if p is not None:
-                params[pname] = _prepare_param(pname, p, x, axes)
-        if "gamma" in params and "beta" in params and params["gamma"].dtype != params["beta"].dtype:
-            raise TypeError(
-                f"gamma and beta must share a dtype, got {params['gamma'].dtype.name} and "
-                f"{params['beta'].dtype.name}")
-        param_dtype = x.dtype
-        if params:
-            param_dtype = _param_dtype(x.dtype, next(iter(params.values())))
-        for k in params:
-            params[k] = tf.cast(params[k], param_dtype)
-        if _in_xla_context():
-            # XLA cannot run a custom op; the same math in composite ops can.
-            return _composite_layer_norm(x, params.get("gamma"), params.get("beta"), axes,
-                                         epsilon)
-        empty = tf.zeros([0], dtype=param_dtype)
-        g = params.get("gamma", empty)
-        b = params.get("beta", empty)
 
-        if rank is None or _is_contiguous(axes):
-            y, _, _ = _fused(x, g, b, axes[0], len(axes), epsilon,
-                             "gamma" in params, "beta" in params)
-            return y
-        # Non-contiguous axes: move them to the end (in sorted order, which is
-        # the order of gamma's dims), normalize, move back.
-        others = [d for d in range(rank) if d not in axes]
-        perm = others + axes
-        inverse = [perm.index(d) for d in range(rank)]
-        xt = tf.transpose(x, perm)
-        y, _, _ = _fused(xt, g, b, rank - len(axes), len(axes), epsilon,
-                         "gamma" in params, "beta" in params)
-        return tf.transpose(y, inverse)
+def rms_norm(x, gamma=None, axis=-1, epsilon=1e-6, name=None):
+    """RMS normalization of x over `axis`, on the LayerNorm kernels.
+
+    y = x / sqrt(mean(x^2) + epsilon) * gamma, the mean over `axis` in float32
+    (float64 for float64 x), y in x's dtype: `keras.ops.rms_normalization`
+    and `torch.nn.functional.rms_norm`.
+
+    Args:
+      x: a float16, bfloat16, float32 or float64 tensor.
+      gamma: scale of shape `tuple(x.shape[a] for a in sorted(axes))`, or None.
+      axis: int or list/tuple of ints, the axes to normalize over.
+      epsilon: added to the mean square; finite and >= 0.
+
+    Differentiable with respect to x and gamma.
+    """
+    with tf.name_scope(name or "rms_norm"):
+        return _normalize(x, {"gamma": gamma}, axis, epsilon, rms=True)
+
+
+def _normalize(x, params, axis, epsilon, rms):
+    """Shared front end of layer_norm and rms_norm: checks, parameter dtypes,
+    XLA fallback, transposes for non-contiguous axes, the fused op."""
+    x = tf.convert_to_tensor(x)
+    _check_x(x)
+    epsilon = _check_epsilon(epsilon)
+    rank = x.shape.rank
+    axes = _normalize_axes(axis, rank)
+
+    params = {k: _prepare_param(k, p, x, axes) for k, p in params.items() if p is not None}
+    if len({p.dtype for p in params.values()}) > 1:
+        raise TypeError(
+            f"gamma and beta must share a dtype, got {params['gamma'].dtype.name} and "
+            f"{params['beta'].dtype.name}")
+    param_dtype = x.dtype
+    if params:
+        param_dtype = _param_dtype(x.dtype, next(iter(params.values())))
+    params = {k: tf.cast(p, param_dtype) for k, p in params.items()}
+    gamma, beta = params.get("gamma"), params.get("beta")
+    if _in_xla_context():
+        # XLA cannot run a custom op; the same math in composite ops can.
+        return _composite_norm(x, gamma, beta, axes, epsilon, rms)
+    empty = tf.zeros([0], dtype=param_dtype)
+    g = empty if gamma is None else gamma
+    b = empty if beta is None else beta
+
+    def fused(xx, begin):
+        if rms:
+            return _fused_rms(xx, g, begin, len(axes), epsilon, gamma is not None)[0]
+        return _fused(xx, g, b, begin, len(axes), epsilon, gamma is not None,
+                      beta is not None)[0]
+
+    if rank is None or _is_contiguous(axes):
+        return fused(x, axes[0])
+    # Non-contiguous axes: move them to the end (in sorted order, which is the
+    # order of gamma's dims), normalize, move back.
+    others = [d for d in range(rank) if d not in axes]
+    perm = others + axes
+    inverse = [perm.index(d) for d in range(rank)]
+    return tf.transpose(fused(tf.transpose(x, perm), rank - len(axes)), inverse)
 
 
 def _stats_dtype(x_dtype):
@@ -255,14 +279,13 @@ def _broadcast_param(p, x, axes):
     return tf.reshape(p, shape)
 
 
-def _composite_layer_norm(x, gamma, beta, axes, epsilon):
-    """layer_norm in plain TF ops: the numerics of the fused kernels (statistics
-    in float32, or float64 for float64 x; two-pass variance; y in x's dtype),
-    for XLA contexts. Gradients come from TF's autodiff."""
+def _composite_norm(x, gamma, beta, axes, epsilon, rms):
+    """layer_norm / rms_norm in plain TF ops: the numerics of the fused kernels
+    (statistics in float32, or float64 for float64 x; two-pass variance; y in
+    x's dtype), for XLA contexts. Gradients come from TF's autodiff."""
     s = _stats_dtype(x.dtype)
     xs = tf.cast(x, s)
-    mean = tf.reduce_mean(xs, axis=axes, keepdims=True)
-    centered = xs - mean
+    centered = xs if rms else xs - tf.reduce_mean(xs, axis=axes, keepdims=True)
     var = tf.reduce_mean(tf.square(centered), axis=axes, keepdims=True)
     y = centered * tf.math.rsqrt(var + tf.cast(epsilon, s))
     if gamma is not None:
@@ -293,6 +316,12 @@ def _fused(x, gamma, beta, begin, num, epsilon, scale, center):
     return load_ops().tf_layernorm_layer_norm(
         x, gamma, beta, S=_stats_dtype(x.dtype), epsilon=epsilon, begin_norm_axis=begin,
         num_norm_axes=num, scale=scale, center=center)
+
+
+def _fused_rms(x, gamma, begin, num, epsilon, scale):
+    return load_ops().tf_layernorm_rms_norm(
+        x, gamma, S=_stats_dtype(x.dtype), epsilon=epsilon, begin_norm_axis=begin,
+        num_norm_axes=num, scale=scale)
 
 
 # ----------------------------------------------------------------- gradient --
@@ -350,23 +379,25 @@ def _layer_norm_grad(op, dy, dmean, drstd):
 
 
 def _composite_backward(dy, x, gamma, mean, rstd, begin, num, scale):
-    """LayerNormGrad in plain TF ops (statistics dtype), as a function of all
-    five inputs: differentiating it gives the backward's own gradient."""
-    s = mean.dtype
+    """LayerNormGrad (RMSNormGrad when mean is None) in plain TF ops, in the
+    statistics dtype, as a function of its inputs: differentiating it gives
+    the backward's own gradient."""
+    s = rstd.dtype
     rank = tf.rank(x)
     b = begin if begin >= 0 else begin + rank
     axes = tf.range(b, b + num)
     other = tf.concat([tf.range(0, b), tf.range(b + num, rank)], 0)
     xs, dys = tf.cast(x, s), tf.cast(dy, s)
-    xhat = (xs - mean) * rstd
+    xhat = (xs if mean is None else xs - mean) * rstd
     g = dys
     if scale:
         # gamma has the normalized dims; ones for the dims after them.
         shape = tf.concat([tf.shape(gamma), tf.ones([rank - b - num], tf.int32)], 0)
         g = g * tf.reshape(tf.cast(gamma, s), shape)
-    mean_g = tf.reduce_mean(g, axis=axes, keepdims=True)
     mean_gx = tf.reduce_mean(g * xhat, axis=axes, keepdims=True)
-    dx = rstd * (g - mean_g - xhat * mean_gx)
+    dx = rstd * (g - xhat * mean_gx)
+    if mean is not None:
+        dx = dx - rstd * tf.reduce_mean(g, axis=axes, keepdims=True)
     dgamma = tf.reduce_sum(dys * xhat, axis=other)
     dbeta = tf.reduce_sum(dys, axis=other)
     return dx, dgamma, dbeta
@@ -398,3 +429,45 @@ def _layer_norm_grad_grad(op, ddx, ddgamma, ddbeta):
     d_dy, d_x, d_mean, d_rstd = (tf.cast(g, t.dtype) for g, t in zip(grads[:4], inputs[:4]))
     d_gamma = tf.cast(grads[4], gamma.dtype) if scale else None
     return d_dy, d_x, d_gamma, d_mean, d_rstd
+
+
+@tf.RegisterGradient(RMS_NORM_OP)
+def _rms_norm_grad(op, dy, drstd):
+    x, gamma = op.inputs
+    _, rstd = op.outputs
+    scale = op.get_attr("scale")
+    begin = op.get_attr("begin_norm_axis")
+    num = op.get_attr("num_norm_axes")
+    if dy is None:
+        dy = tf.zeros_like(x)
+    dx, dgamma = load_ops().tf_layernorm_rms_norm_grad(
+        dy, x, gamma, rstd, begin_norm_axis=begin, num_norm_axes=num, scale=scale)
+    if not _is_known_zero(drstd):
+        # d rstd / dx = -rstd^3 * x / D (rstd = (mean(x^2) + eps)^-1/2).
+        s = rstd.dtype
+        rank = tf.rank(x)
+        b = begin if begin >= 0 else begin + rank
+        d = tf.cast(tf.reduce_prod(tf.shape(x)[b:b + num]), s)
+        dx = dx + tf.cast(-drstd * rstd * rstd * rstd * tf.cast(x, s) / d, dx.dtype)
+    return dx, (dgamma if scale else None)
+
+
+@tf.RegisterGradient(RMS_NORM_GRAD_OP)
+def _rms_norm_grad_grad(op, ddx, ddgamma):
+    """Second-order gradients of RMSNorm, as for LayerNormGrad."""
+    dy, x, gamma, rstd = op.inputs
+    scale = op.get_attr("scale")
+    begin = op.get_attr("begin_norm_axis")
+    num = op.get_attr("num_norm_axes")
+    inputs = [dy, x, rstd] + ([gamma] if scale else [])
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        dx, dgamma, _ = _composite_backward(dy, x, gamma, None, rstd, begin, num, scale)
+    targets, upstream = [dx], [tf.cast(ddx, dx.dtype) if ddx is not None else tf.zeros_like(dx)]
+    if scale and ddgamma is not None:
+        targets.append(dgamma)
+        upstream.append(tf.cast(ddgamma, dgamma.dtype))
+    grads = tape.gradient(targets, inputs, output_gradients=upstream,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    d_dy, d_x, d_rstd = (tf.cast(g, t.dtype) for g, t in zip(grads[:3], inputs[:3]))
+    return d_dy, d_x, (tf.cast(grads[3], gamma.dtype) if scale else None), d_rstd

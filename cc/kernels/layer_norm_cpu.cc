@@ -216,19 +216,23 @@ int64_t LayerNormBackwardWorkspaceSize(const NormGeometry& g, bool scale, bool c
 KernelStatus LayerNormForwardCpu(const NormGeometry& g, CpuDType x_type, CpuDType param_type,
                                  const void* x, const void* gamma, const void* beta,
                                  double epsilon, void* y, void* mean, void* rstd,
-                                 const ParallelFor& parallel_for) {
+                                 const ParallelFor& parallel_for, bool rms) {
   if (!ValidGeometry(g)) return KernelStatus::kInvalidGeometry;
   const int pair = TypePairOf(x_type, param_type);
   if (pair < 0) return KernelStatus::kUnsupportedTypes;
   if (g.num_stats() == 0) return KernelStatus::kOk;
-  if (mean == nullptr || rstd == nullptr) return KernelStatus::kNullPointer;
+  if ((mean == nullptr && !rms) || rstd == nullptr) return KernelStatus::kNullPointer;
   if (g.norm == 0) {
-    if (x_type == CpuDType::kF64) {
-      std::fill_n(static_cast<double*>(mean), g.num_stats(), std::numeric_limits<double>::quiet_NaN());
-      std::fill_n(static_cast<double*>(rstd), g.num_stats(), std::numeric_limits<double>::quiet_NaN());
-    } else {
-      std::fill_n(static_cast<float*>(mean), g.num_stats(), std::numeric_limits<float>::quiet_NaN());
-      std::fill_n(static_cast<float*>(rstd), g.num_stats(), std::numeric_limits<float>::quiet_NaN());
+    // The statistics of an empty row are undefined: NaN.
+    for (void* stat : {rms ? nullptr : mean, rstd}) {
+      if (stat == nullptr) continue;
+      if (x_type == CpuDType::kF64) {
+        std::fill_n(static_cast<double*>(stat), g.num_stats(),
+                    std::numeric_limits<double>::quiet_NaN());
+      } else {
+        std::fill_n(static_cast<float*>(stat), g.num_stats(),
+                    std::numeric_limits<float>::quiet_NaN());
+      }
     }
     return KernelStatus::kOk;
   }
@@ -244,8 +248,9 @@ KernelStatus LayerNormForwardCpu(const NormGeometry& g, CpuDType x_type, CpuDTyp
   a.beta = beta;
   a.epsilon = epsilon;
   a.y = y;
-  a.mean = mean;
+  a.mean = rms ? nullptr : mean;
   a.rstd = rstd;
+  a.rms = rms;
   a.stream = CanStream(g, x_type, y);
   const int affine = 2 * (gamma != nullptr) + (beta != nullptr);
   const IsaKernels& k = TableFor(pair);
@@ -261,7 +266,8 @@ KernelStatus LayerNormForwardCpu(const NormGeometry& g, CpuDType x_type, CpuDTyp
 KernelStatus LayerNormBackwardCpu(const NormGeometry& g, CpuDType x_type, CpuDType param_type,
                                   const void* dy, const void* x, const void* gamma,
                                   const void* mean, const void* rstd, void* dx, void* dgamma,
-                                  void* dbeta, void* workspace, const ParallelFor& parallel_for) {
+                                  void* dbeta, void* workspace, const ParallelFor& parallel_for,
+                                  bool rms) {
   if (!ValidGeometry(g)) return KernelStatus::kInvalidGeometry;
   const int pair = TypePairOf(x_type, param_type);
   if (pair < 0) return KernelStatus::kUnsupportedTypes;
@@ -273,7 +279,8 @@ KernelStatus LayerNormBackwardCpu(const NormGeometry& g, CpuDType x_type, CpuDTy
   // dgamma exists exactly when there is a gamma.
   if (want_dgamma != scale) return KernelStatus::kNullPointer;
   if (g.num_elements() > 0 &&
-      (x == nullptr || dy == nullptr || dx == nullptr || mean == nullptr || rstd == nullptr)) {
+      (x == nullptr || dy == nullptr || dx == nullptr || (mean == nullptr && !rms) ||
+       rstd == nullptr)) {
     return KernelStatus::kNullPointer;
   }
   const int64_t ws = LayerNormBackwardWorkspaceSize(g, want_dgamma, want_dbeta);
@@ -303,8 +310,9 @@ KernelStatus LayerNormBackwardCpu(const NormGeometry& g, CpuDType x_type, CpuDTy
   a.dy = dy;
   a.x = x;
   a.gamma = gamma;
-  a.mean = mean;
+  a.mean = rms ? nullptr : mean;
   a.rstd = rstd;
+  a.rms = rms;
   a.dx = dx;
   a.stream = CanStream(g, x_type, dx);
   const int64_t per_param = plan.blocks * cpu::kPartialLevels * n;

@@ -99,33 +99,38 @@ int64_t LayerNormBackwardWorkspaceSize(const NormGeometry& g, bool scale, bool c
 KernelStatus LayerNormForwardCpu(const NormGeometry& g, CpuDType x_type, CpuDType param_type,
                                  const void* x, const void* gamma, const void* beta,
                                  double epsilon, void* y, void* mean, void* rstd,
-                                 const ParallelFor& parallel_for);
+                                 const ParallelFor& parallel_for, bool rms = false);
 KernelStatus LayerNormBackwardCpu(const NormGeometry& g, CpuDType x_type, CpuDType param_type,
                                   const void* dy, const void* x, const void* gamma,
                                   const void* mean, const void* rstd, void* dx, void* dgamma,
-                                  void* dbeta, void* workspace, const ParallelFor& parallel_for);
+                                  void* dbeta, void* workspace, const ParallelFor& parallel_for,
+                                  bool rms = false);
 
 // y = (x - mean) * rstd * gamma + beta over the D axis of [outer, D, inner].
 // gamma == nullptr: no scale; beta == nullptr: no offset. D == 0 gives NaN
 // statistics (the mean of nothing is undefined) and an empty y.
+// rms: RMSNorm, y = x * rstd * gamma (+ beta) with rstd = 1 / sqrt(mean(x^2)
+// + epsilon); the mean is not computed and `mean` may be nullptr.
 template <typename T, typename U>
 KernelStatus LayerNormForwardCpu(const NormGeometry& g, const T* x, const U* gamma, const U* beta,
                                  double epsilon, T* y, ComputeType<T>* mean,
-                                 ComputeType<T>* rstd, const ParallelFor& parallel_for) {
+                                 ComputeType<T>* rstd, const ParallelFor& parallel_for,
+                                 bool rms = false) {
   return LayerNormForwardCpu(g, CpuDTypeOf<T>::value, CpuDTypeOf<U>::value, x, gamma, beta,
-                             epsilon, y, mean, rstd, parallel_for);
+                             epsilon, y, mean, rstd, parallel_for, rms);
 }
 
 // dx, and dgamma/dbeta summed over outer and inner. dgamma/dbeta may be
 // nullptr when not wanted (then gamma == nullptr means "no scale" as in the
 // forward). workspace: LayerNormBackwardWorkspaceSize(g, ...) elements.
+// rms: the RMSNorm backward (mean unused, may be nullptr).
 template <typename T, typename U>
 KernelStatus LayerNormBackwardCpu(const NormGeometry& g, const T* dy, const T* x, const U* gamma,
                                   const ComputeType<T>* mean, const ComputeType<T>* rstd, T* dx,
                                   U* dgamma, U* dbeta, ComputeType<T>* workspace,
-                                  const ParallelFor& parallel_for) {
+                                  const ParallelFor& parallel_for, bool rms = false) {
   return LayerNormBackwardCpu(g, CpuDTypeOf<T>::value, CpuDTypeOf<U>::value, dy, x, gamma, mean,
-                              rstd, dx, dgamma, dbeta, workspace, parallel_for);
+                              rstd, dx, dgamma, dbeta, workspace, parallel_for, rms);
 }
 
 }  // namespace tf_layernorm

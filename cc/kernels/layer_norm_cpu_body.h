@@ -134,11 +134,16 @@ void ForwardRows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     const S* __restrict xr = x + r * n;
     S* __restrict yr = y + r * n;
-    const C shift = V::First(V::LoadN(xr, 1));
-    const C mu = shift + RowSumShifted<V>(xr, n, V::Set1(shift)) * inv_n;
+    C mu = 0;
+    if (!a.rms) {
+      const C shift = V::First(V::LoadN(xr, 1));
+      mu = shift + RowSumShifted<V>(xr, n, V::Set1(shift)) * inv_n;
+      mean[r] = mu;
+    }
+    // RMSNorm: mu == 0, so x - mu is x exactly and the sum of squares is the
+    // mean square's.
     const R muv = V::Set1(mu);
     const C rs = Rsqrt<V>(RowSumSquares<V>(xr, n, muv), inv_n, eps);
-    mean[r] = mu;
     rstd[r] = rs;
     const R rsv = V::Set1(rs);
     if (a.stream) {
@@ -186,22 +191,30 @@ void ForwardColumns(const ForwardArgs& a, int64_t unit_begin, int64_t unit_end) 
     const int64_t base = o * n * inner + c0;
     const S* __restrict x0 = x + base;
     // Stack vectors are full width; lanes past w hold zeros.
-    ForVectors<V>(w, [&](int64_t j, int64_t k) {
-      V::Store(shift + j, LoadK<V>(x0 + j, k));
-      V::Store(acc + j, V::Zero());
-    });
-    for (int64_t d = 1; d < n; ++d) {
-      const S* __restrict xr = x0 + d * inner;
+    if (a.rms) {
+      // RMSNorm: the mean is 0; shift holds the sum of squares below.
+      ForVectors<V>(w, [&](int64_t j, int64_t) {
+        V::Store(acc + j, V::Zero());
+        V::Store(shift + j, V::Zero());
+      });
+    } else {
       ForVectors<V>(w, [&](int64_t j, int64_t k) {
-        const R t = V::Sub(LoadK<V>(xr + j, k), V::Load(shift + j));
-        V::Store(acc + j, V::Add(V::Load(acc + j), t));
+        V::Store(shift + j, LoadK<V>(x0 + j, k));
+        V::Store(acc + j, V::Zero());
+      });
+      for (int64_t d = 1; d < n; ++d) {
+        const S* __restrict xr = x0 + d * inner;
+        ForVectors<V>(w, [&](int64_t j, int64_t k) {
+          const R t = V::Sub(LoadK<V>(xr + j, k), V::Load(shift + j));
+          V::Store(acc + j, V::Add(V::Load(acc + j), t));
+        });
+      }
+      // acc becomes the mean; shift is free for the sum of squares.
+      ForVectors<V>(w, [&](int64_t j, int64_t) {
+        V::Store(acc + j, V::MulAdd(V::Load(acc + j), inv_nv, V::Load(shift + j)));
+        V::Store(shift + j, V::Zero());
       });
     }
-    // acc becomes the mean; shift is free for the sum of squares.
-    ForVectors<V>(w, [&](int64_t j, int64_t) {
-      V::Store(acc + j, V::MulAdd(V::Load(acc + j), inv_nv, V::Load(shift + j)));
-      V::Store(shift + j, V::Zero());
-    });
     for (int64_t d = 0; d < n; ++d) {
       const S* __restrict xr = x0 + d * inner;
       ForVectors<V>(w, [&](int64_t j, int64_t k) {
@@ -209,13 +222,13 @@ void ForwardColumns(const ForwardArgs& a, int64_t unit_begin, int64_t unit_end) 
         V::Store(shift + j, V::MulAdd(t, t, V::Load(shift + j)));
       });
     }
-    C* __restrict m = mean + o * inner + c0;
+    C* __restrict m = a.rms ? nullptr : mean + o * inner + c0;
     C* __restrict rs = rstd + o * inner + c0;
     ForVectors<V>(w, [&](int64_t j, int64_t k) {
       const R var = V::MulAdd(V::Load(shift + j), inv_nv, epsv);
       const R r = V::Div(V::Set1(1), V::Sqrt(var));
       V::Store(shift + j, r);
-      StoreK<V>(m + j, V::Load(acc + j), k);
+      if (!a.rms) StoreK<V>(m + j, V::Load(acc + j), k);
       StoreK<V>(rs + j, r, k);
     });
     for (int64_t d = 0; d < n; ++d) {
@@ -265,7 +278,7 @@ template <class V, class S, class P, bool kScale, bool kCenter, bool kFirst>
 inline void BackwardRow(int64_t n, const S* __restrict xr, const S* __restrict dyr,
                         const P* __restrict gamma, typename V::C mu, typename V::C rs,
                         S* __restrict dxr, typename V::C* __restrict pg,
-                        typename V::C* __restrict pb, bool stream) {
+                        typename V::C* __restrict pb, bool rms, bool stream) {
   using C = typename V::C;
   using R = typename V::R;
   const R muv = V::Set1(mu), rsv = V::Set1(rs);
@@ -283,9 +296,10 @@ inline void BackwardRow(int64_t n, const S* __restrict xr, const S* __restrict d
     if (kCenter) StoreK<V>(pb + i, kFirst ? dyv : V::Add(dyv, LoadK<V>(pb + i, k)), k);
   });
   const C inv_n = C(1) / static_cast<C>(n);
-  const R mean_g = V::Set1(V::Sum(sg) * inv_n);
+  // RMSNorm's dx has no mean(g) term (y does not depend on x's mean).
+  const R mean_g = rms ? V::Zero() : V::Set1(V::Sum(sg) * inv_n);
   const R mean_gx = V::Set1(V::Sum(sgx) * inv_n);
-  // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+  // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); RMSNorm drops mean(g).
   if (stream) {
     for (int64_t i = 0; i < n; i += V::kW) {
       const R dyv = V::Load(dyr + i);
@@ -326,11 +340,13 @@ void BackwardRowsBlock(const BackwardArgs& a, int64_t block) {
     for (int64_t r = g0; r < g1; ++r) {
       const int64_t off = r * n;
       if (r == g0) {
-        BackwardRow<V, S, P, kScale, kCenter, true>(n, x + off, dy + off, gamma, mean[r],
-                                                    rstd[r], dx + off, pg1, pb1, a.stream);
+        BackwardRow<V, S, P, kScale, kCenter, true>(n, x + off, dy + off, gamma,
+                                                    a.rms ? C(0) : mean[r], rstd[r], dx + off,
+                                                    pg1, pb1, a.rms, a.stream);
       } else {
-        BackwardRow<V, S, P, kScale, kCenter, false>(n, x + off, dy + off, gamma, mean[r],
-                                                     rstd[r], dx + off, pg1, pb1, a.stream);
+        BackwardRow<V, S, P, kScale, kCenter, false>(n, x + off, dy + off, gamma,
+                                                     a.rms ? C(0) : mean[r], rstd[r], dx + off,
+                                                     pg1, pb1, a.rms, a.stream);
       }
     }
     if (kScale) FlushCascade<V>(pg0, pg1, n, g0 == u0);
@@ -369,7 +385,7 @@ void BackwardColumnsBlock(const BackwardArgs& a, int64_t block) {
     const int64_t w = MinI(a.chunk, inner - c0);
     const int64_t base = o * n * inner + c0;
     ForVectors<V>(w, [&](int64_t j, int64_t k) {
-      V::Store(mv + j, LoadK<V>(mean + o * inner + c0 + j, k));
+      V::Store(mv + j, a.rms ? V::Zero() : LoadK<V>(mean + o * inner + c0 + j, k));
       V::Store(rv + j, LoadK<V>(rstd + o * inner + c0 + j, k));
       V::Store(sg + j, V::Zero());
       V::Store(sgx + j, V::Zero());
@@ -393,7 +409,7 @@ void BackwardColumnsBlock(const BackwardArgs& a, int64_t block) {
       if (kCenter) pb1[d] = group_first ? V::Sum(tb) : pb1[d] + V::Sum(tb);
     }
     ForVectors<V>(w, [&](int64_t j, int64_t) {
-      V::Store(sg + j, V::Mul(V::Load(sg + j), inv_nv));
+      V::Store(sg + j, a.rms ? V::Zero() : V::Mul(V::Load(sg + j), inv_nv));
       V::Store(sgx + j, V::Mul(V::Load(sgx + j), inv_nv));
     });
     for (int64_t d = 0; d < n; ++d) {

@@ -54,8 +54,10 @@ struct ForwardArgs {
   const void* beta;   // nullptr without center
   double epsilon;
   void* y;
-  void* mean;
+  void* mean;  // nullptr for RMSNorm
   void* rstd;
+  // RMSNorm: no centering (the mean is taken as 0 and not stored).
+  bool rms;
   // Write y with non-temporal stores: set by the driver only when every row
   // of y starts 64-byte aligned, D fills whole vectors, and y is too large
   // to still be in cache when the next op reads it.
@@ -74,8 +76,9 @@ struct BackwardArgs {
   const void* dy;
   const void* x;
   const void* gamma;  // nullptr without scale
-  const void* mean;
+  const void* mean;  // nullptr for RMSNorm
   const void* rstd;
+  bool rms;          // RMSNorm: mean 0, and no mean(g) term in dx
   void* dx;
   void* part_g;  // [blocks][2][D] or nullptr when dgamma is not wanted
   void* part_b;  // [blocks][2][D] or nullptr when dbeta is not wanted

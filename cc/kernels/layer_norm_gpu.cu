@@ -239,8 +239,9 @@ struct ForwardParams {
   const U* gamma;  // nullptr: no scale
   const U* beta;   // nullptr: no offset
   T* y;
-  C* mean;
+  C* mean;  // nullptr when rms
   C* rstd;
+  bool rms;       // RMSNorm: the mean is 0 by definition
   int64_t rows;   // outer * inner
   int64_t d;
   int64_t inner;
@@ -276,8 +277,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
 #pragma unroll
       for (int j = 0; j < N; ++j) sum[0] += v[k][j];
     }
-    RowAllReduce(sum, tpr, smem, parity);
-    const C mean = sum[0] * p.inv_d;
+    if (!p.rms) RowAllReduce(sum, tpr, smem, parity);  // uniform branch
+    const C mean = p.rms ? C(0) : sum[0] * p.inv_d;
     C sq[1] = {C(0)};
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
@@ -292,7 +293,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     const C rstd = InvSqrt(sq[0] * p.inv_d + p.eps);
     if (!active) continue;
     if (lane == 0) {
-      p.mean[row] = mean;
+      if (p.mean) p.mean[row] = mean;
       p.rstd[row] = rstd;
     }
     T* yr = p.y + row * p.d;
@@ -324,15 +325,17 @@ __global__ void __launch_bounds__(kStreamBlock)
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* xr = p.x + row * d;
     C sum[1] = {C(0)};
+    if (!p.rms) {
 #pragma unroll 4
-    for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
-      C v[N];
-      LoadVec<N>(xr, col, d, vec, v);
+      for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
+        C v[N];
+        LoadVec<N>(xr, col, d, vec, v);
 #pragma unroll
-      for (int j = 0; j < N; ++j) sum[0] += v[j];
+        for (int j = 0; j < N; ++j) sum[0] += v[j];
+      }
+      RowAllReduce(sum, tpr, smem, parity);
     }
-    RowAllReduce(sum, tpr, smem, parity);
-    const C mean = sum[0] * p.inv_d;
+    const C mean = p.rms ? C(0) : sum[0] * p.inv_d;
     C sq[1] = {C(0)};
 #pragma unroll 4
     for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
@@ -347,7 +350,7 @@ __global__ void __launch_bounds__(kStreamBlock)
     RowAllReduce(sq, tpr, smem, parity);
     const C rstd = InvSqrt(sq[0] * p.inv_d + p.eps);
     if (threadIdx.x == 0) {
-      p.mean[row] = mean;
+      if (p.mean) p.mean[row] = mean;
       p.rstd[row] = rstd;
     }
     T* yr = p.y + row * d;
@@ -376,7 +379,9 @@ __global__ void __launch_bounds__(kColumnBlock) ForwardColumnsKernel(ForwardPara
     const int64_t base = o * d * inner + (c - o * inner);
     const T* xc = p.x + base;
     C sum = 0;
-    for (int64_t k = 0; k < d; ++k) sum += Convert<T>::Widen(xc[k * inner]);
+    if (!p.rms) {
+      for (int64_t k = 0; k < d; ++k) sum += Convert<T>::Widen(xc[k * inner]);
+    }
     const C mean = sum * p.inv_d;
     C sq = 0;
     for (int64_t k = 0; k < d; ++k) {
@@ -384,7 +389,7 @@ __global__ void __launch_bounds__(kColumnBlock) ForwardColumnsKernel(ForwardPara
       sq += dev * dev;
     }
     const C rstd = InvSqrt(sq * p.inv_d + p.eps);
-    p.mean[c] = mean;
+    if (p.mean) p.mean[c] = mean;
     p.rstd[c] = rstd;
     T* yc = p.y + base;
     for (int64_t k = 0; k < d; ++k) {
@@ -416,8 +421,9 @@ struct BackwardParams {
   const T* dy;
   const T* x;
   const U* gamma;  // nullptr: no scale
-  const C* mean;
+  const C* mean;   // nullptr when rms (mean 0)
   const C* rstd;
+  bool rms;        // RMSNorm: no mean terms in dx
   T* dx;
   C* part_dgamma;  // [parts, d] or nullptr
   C* part_dbeta;   // [parts, d] or nullptr
@@ -450,7 +456,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     const bool active = row < p.rows;
     const int64_t d = active ? p.d : 0;
     const int64_t offset = (active ? row : 0) * p.d;
-    const C mu = active ? p.mean[row] : C(0);
+    const C mu = active && p.mean ? p.mean[row] : C(0);
     const C rs = active ? p.rstd[row] : C(0);
     C xh[kVpt][N], g[kVpt][N];
     C s[2] = {C(0), C(0)};
@@ -475,7 +481,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     }
     RowAllReduce(s, tpr, smem, parity);
     if (!active) continue;
-    const C mean_g = s[0] * p.inv_d, mean_gx = s[1] * p.inv_d;
+    const C mean_g = p.rms ? C(0) : s[0] * p.inv_d, mean_gx = s[1] * p.inv_d;
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
       const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
@@ -531,7 +537,7 @@ __global__ void __launch_bounds__(kStreamBlock)
   const int64_t d = p.d;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const int64_t offset = row * d;
-    const C mu = p.mean[row], rs = p.rstd[row];
+    const C mu = p.mean ? p.mean[row] : C(0), rs = p.rstd[row];
     C s[2] = {C(0), C(0)};
 #pragma unroll 2
     for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
@@ -548,7 +554,7 @@ __global__ void __launch_bounds__(kStreamBlock)
       }
     }
     RowAllReduce(s, static_cast<int>(blockDim.x), smem, parity);
-    const C mean_g = s[0] * p.inv_d, mean_gx = s[1] * p.inv_d;
+    const C mean_g = p.rms ? C(0) : s[0] * p.inv_d, mean_gx = s[1] * p.inv_d;
 #pragma unroll 2
     for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
       C xv[N], dyv[N], gm[N], out[N];
@@ -574,7 +580,7 @@ __global__ void __launch_bounds__(kColumnBlock) BackwardColumnsKernel(BackwardPa
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t o = c / inner;
     const int64_t base = o * d * inner + (c - o * inner);
-    const C mu = p.mean[c], rs = p.rstd[c];
+    const C mu = p.mean ? p.mean[c] : C(0), rs = p.rstd[c];
     C s0 = 0, s1 = 0;
     for (int64_t k = 0; k < d; ++k) {
       const C gm = p.gamma ? static_cast<C>(Convert<U>::Widen(p.gamma[k])) : C(1);
@@ -582,7 +588,7 @@ __global__ void __launch_bounds__(kColumnBlock) BackwardColumnsKernel(BackwardPa
       s0 += g;
       s1 += g * (Convert<T>::Widen(p.x[base + k * inner]) - mu) * rs;
     }
-    const C mean_g = s0 * p.inv_d, mean_gx = s1 * p.inv_d;
+    const C mean_g = p.rms ? C(0) : s0 * p.inv_d, mean_gx = s1 * p.inv_d;
     for (int64_t k = 0; k < d; ++k) {
       const C gm = p.gamma ? static_cast<C>(Convert<U>::Widen(p.gamma[k])) : C(1);
       const C g = Convert<T>::Widen(p.dy[base + k * inner]) * gm;
@@ -610,7 +616,8 @@ __global__ void __launch_bounds__(kTileCols* kTileRows)
   if (col < d) {
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kTileRows) {
       const C dyv = Convert<T>::Widen(dy[r * d + col]);
-      ag += dyv * (Convert<T>::Widen(x[r * d + col]) - mean[r]) * rstd[r];
+      const C mu = mean ? mean[r] : C(0);
+      ag += dyv * (Convert<T>::Widen(x[r * d + col]) - mu) * rstd[r];
       ab += dyv;
     }
   }
@@ -650,7 +657,8 @@ __global__ void __launch_bounds__(kColumnBlock)
       const int64_t idx = (o * d + k) * inner + i;
       const int64_t st = o * inner + i;
       const C dyv = Convert<T>::Widen(dy[idx]);
-      ag += dyv * (Convert<T>::Widen(x[idx]) - mean[st]) * rstd[st];
+      const C mu = mean ? mean[st] : C(0);
+      ag += dyv * (Convert<T>::Widen(x[idx]) - mu) * rstd[st];
       ab += dyv;
     }
     red[0][threadIdx.x] = ag;
@@ -851,14 +859,17 @@ Result Forward(const ForwardArgs& a, cudaStream_t stream) {
   const Geometry& g = a.geometry;
   const int64_t rows = g.outer * g.inner;
   if (rows == 0) return Result();
-  if (a.mean == nullptr || a.rstd == nullptr) return Invalid("mean and rstd must not be null");
+  if ((a.mean == nullptr && !a.rms) || a.rstd == nullptr) {
+    return Invalid("mean (unless rms) and rstd must not be null");
+  }
+  if (a.rms && a.beta != nullptr) return Invalid("RMSNorm takes no beta");
   C* mean = static_cast<C*>(a.mean);
   C* rstd = static_cast<C*>(a.rstd);
   Device dev;
   TFLN_RETURN_IF_ERROR(CurrentDevice(&dev));
   if (g.norm == 0) {  // the mean of nothing is undefined
     const int grid = static_cast<int>(std::min<int64_t>(CeilDiv(rows, 256), 8 * dev.sms));
-    FillKernel<C><<<grid, 256, 0, stream>>>(mean, rows, std::numeric_limits<C>::quiet_NaN());
+    if (mean) FillKernel<C><<<grid, 256, 0, stream>>>(mean, rows, std::numeric_limits<C>::quiet_NaN());
     FillKernel<C><<<grid, 256, 0, stream>>>(rstd, rows, std::numeric_limits<C>::quiet_NaN());
     return LastLaunch();
   }
@@ -870,6 +881,7 @@ Result Forward(const ForwardArgs& a, cudaStream_t stream) {
   p.y = static_cast<T*>(a.y);
   p.mean = mean;
   p.rstd = rstd;
+  p.rms = a.rms;
   p.rows = rows;
   p.d = g.norm;
   p.inner = g.inner;
@@ -974,9 +986,10 @@ Result CheckBackwardArgs(const BackwardArgs& a) {
   }
   const int64_t elements = g.outer * g.norm * g.inner;
   if (elements > 0 && (a.dy == nullptr || a.x == nullptr || a.dx == nullptr ||
-                       a.mean == nullptr || a.rstd == nullptr)) {
-    return Invalid("dy, x, dx, mean and rstd must not be null");
+                       (a.mean == nullptr && !a.rms) || a.rstd == nullptr)) {
+    return Invalid("dy, x, dx, mean (unless rms) and rstd must not be null");
   }
+  if (a.rms && a.dbeta != nullptr) return Invalid("RMSNorm has no dbeta");
   return Result();
 }
 
@@ -1019,8 +1032,9 @@ Result Backward(const BackwardArgs& a, cudaStream_t stream) {
   p.dy = static_cast<const T*>(a.dy);
   p.x = static_cast<const T*>(a.x);
   p.gamma = static_cast<const U*>(a.gamma);
-  p.mean = static_cast<const C*>(a.mean);
+  p.mean = a.rms ? nullptr : static_cast<const C*>(a.mean);
   p.rstd = static_cast<const C*>(a.rstd);
+  p.rms = a.rms;
   p.dx = static_cast<T*>(a.dx);
   p.part_dgamma = part_dgamma;
   p.part_dbeta = part_dbeta;

@@ -8,6 +8,10 @@
 // x in {float32, float16, bfloat16, float64}; parameters of x's dtype, or
 // float32 for float16/bfloat16 x; statistics float32 (float64 for float64).
 //
+// RMSNorm shares every kernel: with `rms` set, the mean is taken as 0 (y =
+// x * rstd * gamma, rstd = 1 / sqrt(mean(x^2) + epsilon)), there is no beta,
+// mean may be null, and the backward drops the mean terms.
+//
 // Every call validates its arguments and returns a status; it never aborts.
 // Work is enqueued on `stream`; nothing synchronizes the host.
 #ifndef TF_LAYERNORM_CC_KERNELS_LAYER_NORM_GPU_H_
@@ -52,8 +56,9 @@ struct ForwardArgs {
   const void* gamma = nullptr;  // nullptr: no scale
   const void* beta = nullptr;   // nullptr: no offset
   double epsilon = 1e-5;
+  bool rms = false;  // RMSNorm: no mean subtraction; beta must be null
   void* y = nullptr;
-  void* mean = nullptr;  // [outer, inner], float32 (float64 for float64 x)
+  void* mean = nullptr;  // [outer, inner], float32 (float64 for float64 x); may be null if rms
   void* rstd = nullptr;
 };
 
@@ -64,6 +69,7 @@ struct BackwardArgs {
   const void* dy = nullptr;
   const void* x = nullptr;
   const void* gamma = nullptr;  // nullptr: the forward had no scale
+  bool rms = false;             // RMSNorm: mean is unused (may be null), dbeta must be null
   const void* mean = nullptr;
   const void* rstd = nullptr;
   void* dx = nullptr;

@@ -118,6 +118,8 @@ Status ToStatus(KernelStatus s, const char* op) {
       return InvalidArgument(op, ": x has too many elements for int64 indexing");
     case KernelStatus::kNullPointer:
       return tensorflow::errors::Internal(op, ": an input or output buffer is missing");
+    case KernelStatus::kUnsupportedTypes:
+      return InvalidArgument(op, ": unsupported combination of x and parameter dtypes");
   }
   return tensorflow::errors::Internal(op, ": unknown kernel status");
 }
@@ -128,7 +130,9 @@ class LayerNormBase : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("begin_norm_axis", &begin_norm_axis_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_norm_axes", &num_norm_axes_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
+    // RMSNorm ops have no beta and no "center" attr.
+    center_ = false;
+    if (ctx->HasAttr("center")) OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
     OP_REQUIRES(ctx, num_norm_axes_ >= 1 && num_norm_axes_ <= TensorShape::MaxDimensions(),
                 InvalidArgument("num_norm_axes must be in [1, ", TensorShape::MaxDimensions(),
                                 "], got ", num_norm_axes_));
@@ -150,16 +154,16 @@ template <typename T, typename U>
 struct Launch<CpuDevice, T, U> {
   using C = ComputeType<T>;
 
-  static Status Forward(OpKernelContext* ctx, const NormGeometry& g, const T* x, const U* gamma,
-                        const U* beta, float epsilon, T* y, C* mean, C* rstd) {
+  static Status Forward(OpKernelContext* ctx, bool rms, const NormGeometry& g, const T* x,
+                        const U* gamma, const U* beta, float epsilon, T* y, C* mean, C* rstd) {
     return ToStatus(LayerNormForwardCpu<T, U>(g, x, gamma, beta, epsilon, y, mean, rstd,
-                                              MakeParallelFor(ctx)),
-                    "LayerNorm");
+                                              MakeParallelFor(ctx), rms),
+                    rms ? "RMSNorm" : "LayerNorm");
   }
 
-  static Status Backward(OpKernelContext* ctx, const NormGeometry& g, const T* dy, const T* x,
-                         const U* gamma, const C* mean, const C* rstd, T* dx, U* dgamma,
-                         U* dbeta) {
+  static Status Backward(OpKernelContext* ctx, bool rms, const NormGeometry& g, const T* dy,
+                         const T* x, const U* gamma, const C* mean, const C* rstd, T* dx,
+                         U* dgamma, U* dbeta) {
     const int64_t ws_size =
         LayerNormBackwardWorkspaceSize(g, dgamma != nullptr, dbeta != nullptr);
     Tensor workspace;
@@ -169,8 +173,8 @@ struct Launch<CpuDevice, T, U> {
     }
     return ToStatus(LayerNormBackwardCpu<T, U>(g, dy, x, gamma, mean, rstd, dx, dgamma, dbeta,
                                                ws_size > 0 ? workspace.flat<C>().data() : nullptr,
-                                               MakeParallelFor(ctx)),
-                    "LayerNormGrad");
+                                               MakeParallelFor(ctx), rms),
+                    rms ? "RMSNormGrad" : "LayerNormGrad");
   }
 };
 
@@ -223,9 +227,10 @@ struct Launch<GpuDevice, T, U> {
     return reinterpret_cast<gpu::Stream>(ctx->eigen_device<GpuDevice>().stream());
   }
 
-  static Status Forward(OpKernelContext* ctx, const NormGeometry& g, const T* x, const U* gamma,
-                        const U* beta, float epsilon, T* y, C* mean, C* rstd) {
+  static Status Forward(OpKernelContext* ctx, bool rms, const NormGeometry& g, const T* x,
+                        const U* gamma, const U* beta, float epsilon, T* y, C* mean, C* rstd) {
     gpu::ForwardArgs a;
+    a.rms = rms;
     a.x_type = GpuType<T>::value;
     a.param_type = GpuType<U>::value;
     a.geometry = ToGpu(g);
@@ -236,13 +241,15 @@ struct Launch<GpuDevice, T, U> {
     a.y = y;
     a.mean = mean;
     a.rstd = rstd;
-    return FromGpu(gpu::LayerNormForward(a, StreamOf(ctx)), "LayerNorm");
+    return FromGpu(gpu::LayerNormForward(a, StreamOf(ctx)), rms ? "RMSNorm" : "LayerNorm");
   }
 
-  static Status Backward(OpKernelContext* ctx, const NormGeometry& g, const T* dy, const T* x,
-                         const U* gamma, const C* mean, const C* rstd, T* dx, U* dgamma,
-                         U* dbeta) {
+  static Status Backward(OpKernelContext* ctx, bool rms, const NormGeometry& g, const T* dy,
+                         const T* x, const U* gamma, const C* mean, const C* rstd, T* dx,
+                         U* dgamma, U* dbeta) {
+    const char* op = rms ? "RMSNormGrad" : "LayerNormGrad";
     gpu::BackwardArgs a;
+    a.rms = rms;
     a.x_type = GpuType<T>::value;
     a.param_type = GpuType<U>::value;
     a.geometry = ToGpu(g);
@@ -255,7 +262,7 @@ struct Launch<GpuDevice, T, U> {
     a.dgamma = dgamma;
     a.dbeta = dbeta;
     size_t bytes = 0;
-    TF_RETURN_IF_ERROR(FromGpu(gpu::LayerNormBackwardWorkspaceBytes(a, &bytes), "LayerNormGrad"));
+    TF_RETURN_IF_ERROR(FromGpu(gpu::LayerNormBackwardWorkspaceBytes(a, &bytes), op));
     Tensor workspace;
     if (bytes > 0) {
       TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT8,
@@ -264,7 +271,7 @@ struct Launch<GpuDevice, T, U> {
       a.workspace = workspace.flat<int8_t>().data();
       a.workspace_bytes = bytes;
     }
-    return FromGpu(gpu::LayerNormBackward(a, StreamOf(ctx)), "LayerNormGrad");
+    return FromGpu(gpu::LayerNormBackward(a, StreamOf(ctx)), op);
   }
 };
 #endif  // GOOGLE_CUDA
@@ -295,7 +302,7 @@ class LayerNormOp : public LayerNormBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, axes.stats_shape, &rstd));
 
     OP_REQUIRES_OK(ctx, (Launch<Device, T, U>::Forward(
-                            ctx, axes.geometry, x.flat<T>().data(),
+                            ctx, /*rms=*/false, axes.geometry, x.flat<T>().data(),
                             scale_ ? gamma.flat<U>().data() : nullptr,
                             center_ ? beta.flat<U>().data() : nullptr, epsilon_,
                             y->flat<T>().data(), mean->flat<C>().data(), rstd->flat<C>().data())));
@@ -339,11 +346,77 @@ class LayerNormGradOp : public LayerNormBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, center_ ? axes.norm_shape : empty, &dbeta));
 
     OP_REQUIRES_OK(ctx, (Launch<Device, T, U>::Backward(
-                            ctx, axes.geometry, dy.flat<T>().data(), x.flat<T>().data(),
+                            ctx, /*rms=*/false, axes.geometry, dy.flat<T>().data(),
+                            x.flat<T>().data(),
                             scale_ ? gamma.flat<U>().data() : nullptr, mean.flat<C>().data(),
                             rstd.flat<C>().data(), dx->flat<T>().data(),
                             scale_ ? dgamma->flat<U>().data() : nullptr,
                             center_ ? dbeta->flat<U>().data() : nullptr)));
+  }
+};
+
+// RMSNorm: the same kernels without mean and beta.
+template <typename Device, typename T, typename U>
+class RMSNormOp : public LayerNormBase {
+  using C = ComputeType<T>;
+
+ public:
+  explicit RMSNormOp(OpKernelConstruction* ctx) : LayerNormBase(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
+    OP_REQUIRES(ctx, std::isfinite(epsilon_) && epsilon_ >= 0.0f,
+                InvalidArgument("epsilon must be finite and >= 0, got ", epsilon_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& gamma = ctx->input(1);
+    ResolvedAxes axes;
+    OP_REQUIRES_OK(ctx, ResolveAxes(x.shape(), begin_norm_axis_, num_norm_axes_, &axes));
+    OP_REQUIRES_OK(ctx, CheckParam("gamma", gamma, axes, x.shape(), scale_, "scale"));
+    Tensor *y = nullptr, *rstd = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, axes.stats_shape, &rstd));
+    OP_REQUIRES_OK(ctx, (Launch<Device, T, U>::Forward(
+                            ctx, /*rms=*/true, axes.geometry, x.flat<T>().data(),
+                            scale_ ? gamma.flat<U>().data() : nullptr, nullptr, epsilon_,
+                            y->flat<T>().data(), nullptr, rstd->flat<C>().data())));
+  }
+
+ private:
+  float epsilon_ = 1e-6f;
+};
+
+template <typename Device, typename T, typename U>
+class RMSNormGradOp : public LayerNormBase {
+  using C = ComputeType<T>;
+
+ public:
+  explicit RMSNormGradOp(OpKernelConstruction* ctx) : LayerNormBase(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    const Tensor& gamma = ctx->input(2);
+    const Tensor& rstd = ctx->input(3);
+    OP_REQUIRES(ctx, dy.shape() == x.shape(),
+                InvalidArgument("dy has shape ", dy.shape().DebugString(), " but x has shape ",
+                                x.shape().DebugString(), "; expected equal shapes"));
+    ResolvedAxes axes;
+    OP_REQUIRES_OK(ctx, ResolveAxes(x.shape(), begin_norm_axis_, num_norm_axes_, &axes));
+    OP_REQUIRES_OK(ctx, CheckParam("gamma", gamma, axes, x.shape(), scale_, "scale"));
+    OP_REQUIRES(ctx, rstd.shape() == axes.stats_shape,
+                InvalidArgument("rstd has shape ", rstd.shape().DebugString(), ", expected ",
+                                axes.stats_shape.DebugString(),
+                                " (x's shape with the normalized dims set to 1)"));
+    Tensor *dx = nullptr, *dgamma = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_output(1, scale_ ? axes.norm_shape : TensorShape({0}), &dgamma));
+    OP_REQUIRES_OK(ctx, (Launch<Device, T, U>::Backward(
+                            ctx, /*rms=*/true, axes.geometry, dy.flat<T>().data(),
+                            x.flat<T>().data(), scale_ ? gamma.flat<U>().data() : nullptr,
+                            nullptr, rstd.flat<C>().data(), dx->flat<T>().data(),
+                            scale_ ? dgamma->flat<U>().data() : nullptr, nullptr)));
   }
 };
 
@@ -359,7 +432,19 @@ class LayerNormGradOp : public LayerNormBase {
                               .TypeConstraint<T>("T")                            \
                               .TypeConstraint<U>("U")                            \
                               .TypeConstraint<ComputeType<T>>("S"),              \
-                          LayerNormGradOp<DeviceType, T, U>);
+                          LayerNormGradOp<DeviceType, T, U>);                    \
+  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>RMSNorm")                            \
+                              .Device(DEVICE)                                    \
+                              .TypeConstraint<T>("T")                            \
+                              .TypeConstraint<U>("U")                            \
+                              .TypeConstraint<ComputeType<T>>("S"),              \
+                          RMSNormOp<DeviceType, T, U>);                          \
+  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>RMSNormGrad")                        \
+                              .Device(DEVICE)                                    \
+                              .TypeConstraint<T>("T")                            \
+                              .TypeConstraint<U>("U")                            \
+                              .TypeConstraint<ComputeType<T>>("S"),              \
+                          RMSNormGradOp<DeviceType, T, U>);
 
 // Same-dtype parameters, plus float32 parameters for half-precision x (the
 // mixed-precision layout: float32 variables, float16/bfloat16 activations).
@@ -410,7 +495,8 @@ const bool kUnsupportedTypesRegistered = [] {
 #endif
   };
   for (const char* device : kDevices) {
-    for (const char* op : {"TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad"}) {
+    for (const char* op : {"TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad",
+                           "TfLayernorm>RMSNorm", "TfLayernorm>RMSNormGrad"}) {
       for (auto t : kTypes) {
         for (auto u : kTypes) {
           for (auto s : kStats) {

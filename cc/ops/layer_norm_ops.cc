@@ -145,6 +145,43 @@ Status BackwardShape(InferenceContext* c) {
   return Status();
 }
 
+// RMSNorm: the LayerNorm shapes without mean and beta.
+Status RmsForwardShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckTypes(c));
+  TF_RETURN_IF_ERROR(CheckEpsilon(c));
+  bool scale, rank_known;
+  TF_RETURN_IF_ERROR(c->GetAttr("scale", &scale));
+  ShapeHandle x = c->input(0), norm, stats;
+  TF_RETURN_IF_ERROR(NormShapes(c, x, &norm, &stats, &rank_known));
+  TF_RETURN_IF_ERROR(CheckParam(c, "gamma", c->input(1), norm, x, scale));
+  c->set_output(0, x);
+  c->set_output(1, stats);
+  return Status();
+}
+
+Status RmsBackwardShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckTypes(c));
+  bool scale, rank_known;
+  TF_RETURN_IF_ERROR(c->GetAttr("scale", &scale));
+  ShapeHandle x;
+  if (!c->Merge(c->input(0), c->input(1), &x).ok()) {
+    return tensorflow::errors::InvalidArgument("dy has shape ", c->DebugString(c->input(0)),
+                                               " but x has shape ", c->DebugString(c->input(1)),
+                                               "; expected equal shapes");
+  }
+  ShapeHandle norm, stats, unused;
+  TF_RETURN_IF_ERROR(NormShapes(c, x, &norm, &stats, &rank_known));
+  TF_RETURN_IF_ERROR(CheckParam(c, "gamma", c->input(2), norm, x, scale));
+  if (!c->Merge(c->input(3), stats, &unused).ok()) {
+    return tensorflow::errors::InvalidArgument(
+        "rstd has shape ", c->DebugString(c->input(3)), ", expected ", c->DebugString(stats),
+        " (x's shape with the normalized dims set to 1)");
+  }
+  c->set_output(0, x);
+  c->set_output(1, scale ? norm : c->MakeShape({0}));
+  return Status();
+}
+
 }  // namespace
 
 REGISTER_OP("TfLayernorm>LayerNorm")
@@ -200,6 +237,52 @@ Gradient of TfLayernorm>LayerNorm with respect to x, gamma and beta.
 
 dx in x's dtype; dgamma and dbeta summed over every non-normalized axis, shaped
 like the normalized dims (shape [0] when scale/center is false).
+)doc");
+
+REGISTER_OP("TfLayernorm>RMSNorm")
+    .Input("x: T")
+    .Input("gamma: U")
+    .Output("y: T")
+    .Output("rstd: S")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {half, bfloat16, float, double}")
+    .Attr("S: {float, double} = DT_FLOAT")
+    .Attr("epsilon: float = 1e-6")
+    .Attr("begin_norm_axis: int = -1")
+    .Attr("num_norm_axes: int = 1")
+    .Attr("scale: bool = true")
+    .SetShapeFn(RmsForwardShape)
+    .Doc(R"doc(
+Fused RMS Normalization over a contiguous block of axes of x (same kernels as
+TfLayernorm>LayerNorm, without the mean):
+
+y = x / sqrt(mean(x^2) + epsilon) * gamma, statistics in float32 (float64
+when x is float64).
+
+x: the input.
+gamma: the scale, shaped like the normalized dims; empty when scale=false.
+y: the normalized x, in x's dtype.
+rstd: per-row 1 / sqrt(mean(x^2) + epsilon), x's shape with the normalized
+  dims set to 1.
+)doc");
+
+REGISTER_OP("TfLayernorm>RMSNormGrad")
+    .Input("dy: T")
+    .Input("x: T")
+    .Input("gamma: U")
+    .Input("rstd: S")
+    .Output("dx: T")
+    .Output("dgamma: U")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {half, bfloat16, float, double}")
+    .Attr("S: {float, double} = DT_FLOAT")
+    .Attr("begin_norm_axis: int = -1")
+    .Attr("num_norm_axes: int = 1")
+    .Attr("scale: bool = true")
+    .SetShapeFn(RmsBackwardShape)
+    .Doc(R"doc(
+Gradient of TfLayernorm>RMSNorm with respect to x and gamma (dgamma has shape
+[0] when scale is false).
 )doc");
 
 }  // namespace tf_layernorm

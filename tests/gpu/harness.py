@@ -78,12 +78,13 @@ class Kernels:
         self.lib = ctypes.CDLL(path or build())
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         msg = ctypes.POINTER(ctypes.c_char_p)
-        self.lib.tfln_forward.argtypes = [i32, i32, i64, i64, i64, p, p, p, ctypes.c_double,
-                                          p, p, p, p, msg]
-        self.lib.tfln_backward_workspace.argtypes = [i32, i32, i64, i64, i64, p, p, p,
+        # (x_type, param_type, outer, D, inner, rms, ...) as in harness_capi.cc
+        self.lib.tfln_forward.argtypes = [i32, i32, i64, i64, i64, i32, p, p, p,
+                                          ctypes.c_double, p, p, p, p, msg]
+        self.lib.tfln_backward_workspace.argtypes = [i32, i32, i64, i64, i64, i32, p, p, p,
                                                      ctypes.POINTER(ctypes.c_size_t), msg]
-        self.lib.tfln_backward.argtypes = [i32, i32, i64, i64, i64, p, p, p, p, p, p, p, p,
-                                           p, ctypes.c_size_t, p, msg]
+        self.lib.tfln_backward.argtypes = [i32, i32, i64, i64, i64, i32, p, p, p, p, p, p, p,
+                                           p, p, ctypes.c_size_t, p, msg]
         for f in (self.lib.tfln_forward, self.lib.tfln_backward_workspace, self.lib.tfln_backward):
             f.restype = i32
 
@@ -100,7 +101,7 @@ class Kernels:
         """Pointers as given (ints or tensors), for argument-validation tests."""
         message = ctypes.c_char_p()
         status = self.lib.tfln_forward(
-            x_type, param_type, *geometry, *(self._as_ptr(v) for v in (x, gamma, beta)), eps,
+            x_type, param_type, *geometry, 0, *(self._as_ptr(v) for v in (x, gamma, beta)), eps,
             *(self._as_ptr(v) for v in (y, mean, rstd)),
             ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(message))
         return status, (message.value or b"").decode()
@@ -110,37 +111,39 @@ class Kernels:
             return None if v is None else ctypes.c_void_p(v)
         return self._ptr(v)
 
-    def forward(self, x, gamma, beta, eps, geometry, y=None):
-        """geometry = (outer, D, inner) of x (contiguous); returns y, mean, rstd."""
+    def forward(self, x, gamma, beta, eps, geometry, y=None, rms=False):
+        """geometry = (outer, D, inner) of x (contiguous); returns y, mean, rstd
+        (mean is None for rms: RMSNorm writes no mean)."""
         outer, d, inner = geometry
         stats = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = torch.empty_like(x) if y is None else y
-        mean = torch.empty(outer * inner, dtype=stats, device=x.device)
+        mean = None if rms else torch.empty(outer * inner, dtype=stats, device=x.device)
         rstd = torch.empty(outer * inner, dtype=stats, device=x.device)
         param_type = DTYPES[gamma.dtype if gamma is not None else
                             (beta.dtype if beta is not None else x.dtype)]
         message = ctypes.c_char_p()
         status = self.lib.tfln_forward(
-            DTYPES[x.dtype], param_type, outer, d, inner, self._ptr(x), self._ptr(gamma),
+            DTYPES[x.dtype], param_type, outer, d, inner, int(rms), self._ptr(x), self._ptr(gamma),
             self._ptr(beta), eps, self._ptr(y), self._ptr(mean), self._ptr(rstd),
             ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(message))
         self._check(status, message)
         return y, mean, rstd
 
-    def workspace_bytes(self, x_dtype, param_dtype, geometry, want_dgamma, want_dbeta):
+    def workspace_bytes(self, x_dtype, param_dtype, geometry, want_dgamma, want_dbeta, rms=False):
         n = ctypes.c_size_t()
         message = ctypes.c_char_p()
         # Any non-null pointer marks an output as wanted; only the plan is computed.
         flag = ctypes.c_void_p(16)
         status = self.lib.tfln_backward_workspace(
-            DTYPES[x_dtype], DTYPES[param_dtype], *geometry, flag if want_dgamma else None,
+            DTYPES[x_dtype], DTYPES[param_dtype], *geometry, int(rms),
+            flag if want_dgamma else None,
             flag if want_dgamma else None, flag if want_dbeta else None, ctypes.byref(n),
             ctypes.byref(message))
         self._check(status, message)
         return n.value
 
     def backward(self, dy, x, gamma, mean, rstd, geometry, want_dbeta=True, param_dtype=None,
-                 dx=None):
+                 dx=None, rms=False):
         """Returns dx, dgamma (None without gamma), dbeta (None unless wanted)."""
         outer, d, inner = geometry
         param_dtype = gamma.dtype if gamma is not None else (param_dtype or x.dtype)
@@ -148,11 +151,12 @@ class Kernels:
         dgamma = torch.empty(d, dtype=param_dtype, device=x.device) if gamma is not None else None
         dbeta = torch.empty(d, dtype=param_dtype, device=x.device) if want_dbeta else None
         nbytes = self.workspace_bytes(x.dtype, param_dtype, geometry, gamma is not None,
-                                      want_dbeta)
+                                      want_dbeta, rms)
         ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
         message = ctypes.c_char_p()
         status = self.lib.tfln_backward(
-            DTYPES[x.dtype], DTYPES[param_dtype], outer, d, inner, self._ptr(dy), self._ptr(x),
+            DTYPES[x.dtype], DTYPES[param_dtype], outer, d, inner, int(rms), self._ptr(dy),
+            self._ptr(x),
             self._ptr(gamma), self._ptr(mean), self._ptr(rstd), self._ptr(dx), self._ptr(dgamma),
             self._ptr(dbeta), self._ptr(ws), nbytes,
             ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(message))

@@ -24,7 +24,7 @@ gpu::Geometry MakeGeometry(int64_t outer, int64_t norm, int64_t inner) {
 }
 
 gpu::BackwardArgs MakeBackwardArgs(int x_type, int param_type, int64_t outer, int64_t norm,
-                                   int64_t inner, const void* dy, const void* x,
+                                   int64_t inner, int rms, const void* dy, const void* x,
                                    const void* gamma, const void* mean, const void* rstd,
                                    void* dx, void* dgamma, void* dbeta, void* workspace,
                                    size_t workspace_bytes) {
@@ -32,6 +32,7 @@ gpu::BackwardArgs MakeBackwardArgs(int x_type, int param_type, int64_t outer, in
   a.x_type = static_cast<gpu::DType>(x_type);
   a.param_type = static_cast<gpu::DType>(param_type);
   a.geometry = MakeGeometry(outer, norm, inner);
+  a.rms = rms != 0;
   a.dy = dy;
   a.x = x;
   a.gamma = gamma;
@@ -50,12 +51,13 @@ gpu::BackwardArgs MakeBackwardArgs(int x_type, int param_type, int64_t outer, in
 extern "C" {
 
 int tfln_forward(int x_type, int param_type, int64_t outer, int64_t norm, int64_t inner,
-                 const void* x, const void* gamma, const void* beta, double epsilon, void* y,
+                 int rms, const void* x, const void* gamma, const void* beta, double epsilon, void* y,
                  void* mean, void* rstd, void* stream, const char** message) {
   gpu::ForwardArgs a;
   a.x_type = static_cast<gpu::DType>(x_type);
   a.param_type = static_cast<gpu::DType>(param_type);
   a.geometry = MakeGeometry(outer, norm, inner);
+  a.rms = rms != 0;
   a.x = x;
   a.gamma = gamma;
   a.beta = beta;
@@ -67,21 +69,21 @@ int tfln_forward(int x_type, int param_type, int64_t outer, int64_t norm, int64_
 }
 
 int tfln_backward_workspace(int x_type, int param_type, int64_t outer, int64_t norm,
-                            int64_t inner, const void* gamma, void* dgamma, void* dbeta,
+                            int64_t inner, int rms, const void* gamma, void* dgamma, void* dbeta,
                             size_t* bytes, const char** message) {
   // Only the geometry, dtypes and which outputs are wanted shape the plan.
-  const gpu::BackwardArgs a = MakeBackwardArgs(x_type, param_type, outer, norm, inner, nullptr,
-                                               nullptr, gamma, nullptr, nullptr, nullptr, dgamma,
+  const gpu::BackwardArgs a = MakeBackwardArgs(x_type, param_type, outer, norm, inner, rms,
+                                               nullptr, nullptr, gamma, nullptr, nullptr, nullptr, dgamma,
                                                dbeta, nullptr, 0);
   return Report(gpu::LayerNormBackwardWorkspaceBytes(a, bytes), message);
 }
 
 int tfln_backward(int x_type, int param_type, int64_t outer, int64_t norm, int64_t inner,
-                  const void* dy, const void* x, const void* gamma, const void* mean,
+                  int rms, const void* dy, const void* x, const void* gamma, const void* mean,
                   const void* rstd, void* dx, void* dgamma, void* dbeta, void* workspace,
                   size_t workspace_bytes, void* stream, const char** message) {
   const gpu::BackwardArgs a =
-      MakeBackwardArgs(x_type, param_type, outer, norm, inner, dy, x, gamma, mean, rstd, dx,
+      MakeBackwardArgs(x_type, param_type, outer, norm, inner, rms, dy, x, gamma, mean, rstd, dx,
                        dgamma, dbeta, workspace, workspace_bytes);
   return Report(gpu::LayerNormBackward(a, static_cast<gpu::Stream>(stream)), message);
 }

@@ -8,7 +8,8 @@
 
 int main() {
   int missing = 0;
-  for (const char* op : {"TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad"}) {
+  for (const char* op : {"TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad",
+                         "TfLayernorm>RMSNorm", "TfLayernorm>RMSNormGrad"}) {
     const tensorflow::OpRegistrationData* data = nullptr;
     if (!tensorflow::OpRegistry::Global()->LookUp(op, &data).ok()) {
       std::printf("op %s: NOT REGISTERED\n", op);
