@@ -7,3 +7,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != ROOT]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: long-running (minutes, or many GB of memory); part of the CI run, "
+                   "deselect with -m 'not slow'")

@@ -47,7 +47,9 @@ constexpr int kWarp = 32;
 constexpr int kForwardRowRegs = 32;
 constexpr int kBackwardRowRegs = 16;
 // Largest CTA of the register kernels. Rows wider than kMaxThreadsPerRow x
-// the per-thread elements (16384 for every dtype) take the streaming path.
+// the per-thread elements take the streaming path: D > 16384 in the forward
+// (32 elements per thread), D > 8192 in the backward (16), for every dtype
+// but float64 (half of that).
 constexpr int kMaxThreadsPerRow = 512;
 // Largest template vectors-per-thread; each value is one instantiation.
 constexpr int kMaxVpt = 8;
