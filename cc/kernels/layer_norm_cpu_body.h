@@ -104,6 +104,46 @@ inline typename V::C RowSumSquares(const S* __restrict x, int64_t n, typename V:
   return V::Sum(V::Add(V::Add(a0, a1), V::Add(a2, a3)));
 }
 
+// ------------------------------------------------- out-of-range statistics --
+//
+// float statistics fail on rows whose values are finite but whose squares
+// leave float's range: |x - mean| ~ 1e20 and up overflows the sum of squares
+// (rstd would be 0 and y = 0: PyTorch gives NaN there), and with epsilon ~ 0
+// spreads ~ 1e-20 and below underflow it (rstd = inf, y = +-inf). The exact
+// result is finite and representable in both cases, so such rows (rare: they
+// are detected from the float statistics at no cost to normal rows) get
+// their mean and rstd recomputed in double, which has the range for the
+// squares of every float. NaN/Inf rows pass through here too and come out as
+// NaN/Inf statistics exactly as before.
+
+// The float statistics are trusted when the mean is finite and the rstd in
+// (0, 1e15), i.e. mean square or variance + epsilon in (1e-30, inf).
+template <typename C>
+inline bool NeedsWideStats(C mu, C rs) {
+  if (sizeof(C) != sizeof(float)) return false;  // double statistics have the range
+  return !(mu - mu == 0 && rs > 0 && rs < C(1e15));
+}
+
+// Mean and rstd of n values at x, x + stride, ... in double. Scalar on
+// purpose: only the rows above come here.
+template <class V, class S>
+void WideStats(const S* __restrict x, int64_t n, int64_t stride, bool rms, double epsilon,
+               double* mean, double* rstd) {
+  const double shift = rms ? 0.0 : static_cast<double>(V::First(V::LoadN(x, 1)));
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    sum += static_cast<double>(V::First(V::LoadN(x + i * stride, 1))) - shift;
+  }
+  const double mu = rms ? 0.0 : shift + sum / static_cast<double>(n);
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(V::First(V::LoadN(x + i * stride, 1))) - mu;
+    ss += d * d;
+  }
+  *mean = mu;
+  *rstd = 1.0 / __builtin_sqrt(ss / static_cast<double>(n) + epsilon);
+}
+
 // y = xhat * gamma + beta for one vector; xhat = (x - mean) * rstd.
 template <class V, class P, bool kScale, bool kCenter>
 inline typename V::R Affine(typename V::R xhat, const P* gamma, const P* beta, int64_t i,
@@ -142,8 +182,15 @@ void ForwardRows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
     }
     // RMSNorm: mu == 0, so x - mu is x exactly and the sum of squares is the
     // mean square's.
+    C rs = Rsqrt<V>(RowSumSquares<V>(xr, n, V::Set1(mu)), inv_n, eps);
+    if (NeedsWideStats(mu, rs)) {
+      double wide_mu, wide_rs;
+      WideStats<V>(xr, n, 1, a.rms, a.epsilon, &wide_mu, &wide_rs);
+      mu = static_cast<C>(wide_mu);
+      rs = static_cast<C>(wide_rs);
+      if (!a.rms) mean[r] = mu;
+    }
     const R muv = V::Set1(mu);
-    const C rs = Rsqrt<V>(RowSumSquares<V>(xr, n, muv), inv_n, eps);
     rstd[r] = rs;
     const R rsv = V::Set1(rs);
     if (a.stream) {
@@ -226,10 +273,20 @@ void ForwardColumns(const ForwardArgs& a, int64_t unit_begin, int64_t unit_end) 
     C* __restrict rs = rstd + o * inner + c0;
     ForVectors<V>(w, [&](int64_t j, int64_t k) {
       const R var = V::MulAdd(V::Load(shift + j), inv_nv, epsv);
-      const R r = V::Div(V::Set1(1), V::Sqrt(var));
-      V::Store(shift + j, r);
+      V::Store(shift + j, V::Div(V::Set1(1), V::Sqrt(var)));
+    });
+    // Columns whose float statistics are out of range (see WideStats).
+    for (int64_t j = 0; j < w; ++j) {
+      if (NeedsWideStats(acc[j], shift[j])) {
+        double wide_mu, wide_rs;
+        WideStats<V>(x0 + j, n, inner, a.rms, a.epsilon, &wide_mu, &wide_rs);
+        acc[j] = static_cast<C>(wide_mu);
+        shift[j] = static_cast<C>(wide_rs);
+      }
+    }
+    ForVectors<V>(w, [&](int64_t j, int64_t k) {
       if (!a.rms) StoreK<V>(m + j, V::Load(acc + j), k);
-      StoreK<V>(rs + j, r, k);
+      StoreK<V>(rs + j, V::Load(shift + j), k);
     });
     for (int64_t d = 0; d < n; ++d) {
       const S* __restrict xr = x0 + d * inner;

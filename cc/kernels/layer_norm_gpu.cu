@@ -252,6 +252,48 @@ struct ForwardParams {
 };
 
 // Row in registers; kVpt vectors of kVecWidth<T> elements per thread.
+// Rows whose values are finite but whose squares leave float's range
+// (|x - mean| ~ 1e20 and up overflows the sum of squares: rstd 0, y 0; with
+// epsilon ~ 0, spreads ~ 1e-20 and below underflow it: rstd inf) have an
+// ordinary exact result. They are recognized from the float statistics (mean
+// finite, rstd in (0, 1e15)) at no cost to other rows, and recomputed in
+// double, which holds the square of every float. NaN/Inf rows come out as
+// NaN/Inf statistics either way, as the CPU kernels do.
+template <typename C>
+__device__ __forceinline__ bool NeedsWideStats(C mean, C rstd) {
+  if (sizeof(C) != sizeof(float)) return false;  // double statistics have the range
+  return !(mean - mean == C(0) && rstd > C(0) && rstd < C(1e15));
+}
+
+template <typename C>
+struct RowStats {
+  C mean;
+  C rstd;
+};
+
+// Mean and rstd of x[0], x[stride], ... x[(d - 1) * stride] in double. Every
+// thread of the row calls it and reads the whole row (from cache): no
+// communication, so no barrier in a branch only some rows of a CTA take. Slow,
+// and only for the rows above. Inlined (a real call would make the hot path
+// of the callers spill around it).
+template <typename T, typename C>
+__device__ __forceinline__ RowStats<C> WideStats(const T* x, int64_t d, int64_t stride, bool rms,
+                                                 C eps) {
+  double mu = 0;
+  if (!rms) {
+    double sum = 0;
+    for (int64_t k = 0; k < d; ++k) sum += static_cast<double>(Convert<T>::Widen(x[k * stride]));
+    mu = sum / static_cast<double>(d);
+  }
+  double sq = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const double dev = static_cast<double>(Convert<T>::Widen(x[k * stride])) - mu;
+    sq += dev * dev;
+  }
+  return {static_cast<C>(mu),
+          static_cast<C>(1.0 / sqrt(sq / static_cast<double>(d) + static_cast<double>(eps)))};
+}
+
 template <typename T, typename U, int kVpt>
 __global__ void __launch_bounds__(kMaxThreadsPerRow)
     ForwardRegistersKernel(ForwardParams<T, U> p, int tpr, bool vec) {
@@ -280,7 +322,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
       for (int j = 0; j < N; ++j) sum[0] += v[k][j];
     }
     if (!p.rms) RowAllReduce(sum, tpr, smem, parity);  // uniform branch
-    const C mean = p.rms ? C(0) : sum[0] * p.inv_d;
+    C mean = p.rms ? C(0) : sum[0] * p.inv_d;
     C sq[1] = {C(0)};
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
@@ -292,8 +334,14 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
       }
     }
     RowAllReduce(sq, tpr, smem, parity);
-    const C rstd = InvSqrt(sq[0] * p.inv_d + p.eps);
+    C rstd = InvSqrt(sq[0] * p.inv_d + p.eps);
     if (!active) continue;
+    // Same decision in every thread of the row (the statistics are reduced).
+    if (NeedsWideStats(mean, rstd)) {
+      const RowStats<C> w = WideStats(xr, d, 1, p.rms, p.eps);
+      mean = w.mean;
+      rstd = w.rstd;
+    }
     if (lane == 0) {
       if (p.mean) p.mean[row] = mean;
       p.rstd[row] = rstd;
@@ -337,7 +385,7 @@ __global__ void __launch_bounds__(kStreamBlock)
       }
       RowAllReduce(sum, tpr, smem, parity);
     }
-    const C mean = p.rms ? C(0) : sum[0] * p.inv_d;
+    C mean = p.rms ? C(0) : sum[0] * p.inv_d;
     C sq[1] = {C(0)};
 #pragma unroll 4
     for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
@@ -350,7 +398,13 @@ __global__ void __launch_bounds__(kStreamBlock)
       }
     }
     RowAllReduce(sq, tpr, smem, parity);
-    const C rstd = InvSqrt(sq[0] * p.inv_d + p.eps);
+    C rstd = InvSqrt(sq[0] * p.inv_d + p.eps);
+    // Uniform over the CTA (one row per CTA), and barrier-free inside.
+    if (NeedsWideStats(mean, rstd)) {
+      const RowStats<C> w = WideStats(xr, d, 1, p.rms, p.eps);
+      mean = w.mean;
+      rstd = w.rstd;
+    }
     if (threadIdx.x == 0) {
       if (p.mean) p.mean[row] = mean;
       p.rstd[row] = rstd;
@@ -384,13 +438,18 @@ __global__ void __launch_bounds__(kColumnBlock) ForwardColumnsKernel(ForwardPara
     if (!p.rms) {
       for (int64_t k = 0; k < d; ++k) sum += Convert<T>::Widen(xc[k * inner]);
     }
-    const C mean = sum * p.inv_d;
+    C mean = sum * p.inv_d;
     C sq = 0;
     for (int64_t k = 0; k < d; ++k) {
       const C dev = Convert<T>::Widen(xc[k * inner]) - mean;
       sq += dev * dev;
     }
-    const C rstd = InvSqrt(sq * p.inv_d + p.eps);
+    C rstd = InvSqrt(sq * p.inv_d + p.eps);
+    if (NeedsWideStats(mean, rstd)) {
+      const RowStats<C> w = WideStats(xc, d, inner, p.rms, p.eps);
+      mean = w.mean;
+      rstd = w.rstd;
+    }
     if (p.mean) p.mean[c] = mean;
     p.rstd[c] = rstd;
     T* yc = p.y + base;

@@ -70,6 +70,13 @@ def _grid():
                           (65, 127, 1), (8, 64, 300)], [True, False]):
         cases.append(dict(outer=outer, d=d, inner=inner, dtype=dt, param="same", scale=scale,
                           center=False, misaligned=False, nan=False, rms=True))
+    # Rows whose squares overflow float (|x| ~ 1e30): the kernels recompute
+    # their statistics in double; y must still match float64 PyTorch.
+    for dt, (outer, d, inner), rms in itertools.product(
+            ["float32", "bfloat16"], [(9, 64, 1), (9, 1024, 1), (3, 65536, 1), (4, 100, 9)],
+            [False, True]):
+        cases.append(dict(outer=outer, d=d, inner=inner, dtype=dt, param="same", scale=True,
+                          center=not rms, misaligned=False, nan=False, rms=rms, x_scale=1e30))
     return cases
 
 
@@ -79,6 +86,7 @@ CASES = _grid()
 def case_id(c):
     extra = "".join([
         "-rms" if c.get("rms") else "",
+        "-x%g" % c["x_scale"] if c.get("x_scale") else "",
         "-p32" if c["param"] == "float32" else "",
         "" if c["scale"] else "-noscale", "" if c["center"] else "-nocenter",
         "-misaligned" if c["misaligned"] else "", "-nan" if c["nan"] else ""])
@@ -127,7 +135,8 @@ def run_case(c, check_determinism=True):
     n = outer * d * inner
     g = torch.Generator(device=dev).manual_seed(1234 + d + 7 * outer + inner)
     x = _empty(n, dt, c["misaligned"], dev)
-    x.copy_(torch.randn(n, generator=g, device=dev, dtype=torch.float64) * 2 + 0.5)
+    x.copy_((torch.randn(n, generator=g, device=dev, dtype=torch.float64) * 2 + 0.5)
+            * c.get("x_scale", 1.0))
     if c["nan"] and outer > 2:
         x.view(outer, d * inner)[1, d // 2] = float("nan")
     dy = _empty(n, dt, c["misaligned"], dev)
