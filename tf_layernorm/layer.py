@@ -7,8 +7,34 @@ import tensorflow as tf
 from tf_layernorm import ops
 
 
+def _param_shape(layer, input_shape):
+    """The weights' shape: the input's dims at the layer's (sorted) axes,
+    which must be known."""
+    axes = ops._normalize_axes(layer.axis, len(input_shape))
+    shape = tuple(input_shape[a] for a in axes)
+    if any(d is None for d in shape):
+        raise ValueError(
+            f"{type(layer).__name__} needs the normalized dims to be known: "
+            f"axis={layer.axis!r} of input shape {tuple(input_shape)} gives {shape}")
+    return shape
+
+
+class _NormLayer(keras.layers.Layer):
+    """What LayerNorm and RMSNorm share: output in the compute dtype (the ops
+    return x's dtype, which under autocast=False may differ), output shape."""
+
+    def _finish(self, outputs):
+        if outputs.dtype != self.compute_dtype:
+            outputs = tf.cast(outputs, self.compute_dtype)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        ops._normalize_axes(self.axis, len(input_shape))
+        return tuple(input_shape)
+
+
 @keras.saving.register_keras_serializable(package="tf_layernorm")
-class LayerNorm(keras.layers.Layer):
+class LayerNorm(_NormLayer):
     """Layer normalization on a fused kernel; a drop-in for
     `keras.layers.LayerNormalization` with the seeds' API (MXNet
     `gluon.nn.LayerNorm`, apex `FusedLayerNorm`).
@@ -95,13 +121,7 @@ class LayerNorm(keras.layers.Layer):
                 trainable=True, autocast=False)
 
     def build(self, input_shape):
-        axes = ops._normalize_axes(self.axis, len(input_shape))
-        shape = tuple(input_shape[a] for a in axes)
-        if any(d is None for d in shape):
-            raise ValueError(
-                f"LayerNorm needs the normalized dims to be known: axis={self.axis!r} of "
-                f"input shape {tuple(input_shape)} gives {shape}")
-        self._create_weights(shape)
+        self._create_weights(_param_shape(self, input_shape))
 
     def call(self, inputs):
         if self.in_channels:
@@ -116,13 +136,7 @@ class LayerNorm(keras.layers.Layer):
         else:
             outputs = ops.layer_norm(inputs, self.gamma, self.beta, axis=self.axis,
                                      epsilon=self.epsilon)
-        if outputs.dtype != self.compute_dtype:
-            outputs = tf.cast(outputs, self.compute_dtype)
-        return outputs
-
-    def compute_output_shape(self, input_shape):
-        ops._normalize_axes(self.axis, len(input_shape))
-        return tuple(input_shape)
+        return self._finish(outputs)
 
     def get_config(self):
         config = super().get_config()
@@ -144,7 +158,7 @@ class LayerNorm(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="tf_layernorm")
-class RMSNorm(keras.layers.Layer):
+class RMSNorm(_NormLayer):
     """RMS normalization on the fused LayerNorm kernels; a drop-in for
     `keras.layers.RMSNormalization` (same arguments, defaults, weight name
     `scale`, config).
@@ -168,24 +182,12 @@ class RMSNorm(keras.layers.Layer):
         self.supports_jit = False
 
     def build(self, input_shape):
-        axes = ops._normalize_axes(self.axis, len(input_shape))
-        shape = tuple(input_shape[a] for a in axes)
-        if any(d is None for d in shape):
-            raise ValueError(
-                f"RMSNorm needs the normalized dims to be known: axis={self.axis!r} of "
-                f"input shape {tuple(input_shape)} gives {shape}")
-        self.scale = self.add_weight(name="scale", shape=shape, initializer="ones",
-                                     autocast=False)
+        self.scale = self.add_weight(name="scale", shape=_param_shape(self, input_shape),
+                                     initializer="ones", autocast=False)
 
     def call(self, inputs):
-        outputs = ops.rms_norm(inputs, self.scale, axis=self.axis, epsilon=self.epsilon)
-        if outputs.dtype != self.compute_dtype:
-            outputs = tf.cast(outputs, self.compute_dtype)
-        return outputs
-
-    def compute_output_shape(self, input_shape):
-        ops._normalize_axes(self.axis, len(input_shape))
-        return tuple(input_shape)
+        return self._finish(ops.rms_norm(inputs, self.scale, axis=self.axis,
+                                         epsilon=self.epsilon))
 
     def get_config(self):
         config = super().get_config()

@@ -403,32 +403,39 @@ def _composite_backward(dy, x, gamma, mean, rstd, begin, num, scale):
     return dx, dgamma, dbeta
 
 
-@tf.RegisterGradient(LAYER_NORM_GRAD_OP)
-def _layer_norm_grad_grad(op, ddx, ddgamma, ddbeta):
-    """Second-order gradients (gradient penalties, Hessian-vector products):
-    autodiff of the composite backward. mean and rstd are inputs here; their
-    dependence on x is carried by the forward op's gradient."""
-    dy, x, gamma, mean, rstd = op.inputs
+def _grad_of_backward(op, ddx, ddgamma, ddbeta, rms):
+    """Second-order gradients (gradient penalties, Hessian-vector products) of
+    LayerNormGrad / RMSNormGrad: autodiff of the composite backward. mean and
+    rstd are inputs here; their dependence on x is carried by the forward op's
+    gradient. Returns the gradients of the op's inputs, in their order."""
+    if rms:
+        (dy, x, gamma, rstd), mean, center = op.inputs, None, False
+    else:
+        (dy, x, gamma, mean, rstd), center = op.inputs, op.get_attr("center")
     scale = op.get_attr("scale")
-    center = op.get_attr("center")
     begin = op.get_attr("begin_norm_axis")
     num = op.get_attr("num_norm_axes")
-    inputs = [dy, x, mean, rstd] + ([gamma] if scale else [])
+    stats = [rstd] if rms else [mean, rstd]
+    watched = [dy, x] + stats + ([gamma] if scale else [])
     with tf.GradientTape() as tape:
-        tape.watch(inputs)
+        tape.watch(watched)
         dx, dgamma, dbeta = _composite_backward(dy, x, gamma, mean, rstd, begin, num, scale)
     targets, upstream = [dx], [tf.cast(ddx, dx.dtype) if ddx is not None else tf.zeros_like(dx)]
-    if scale and ddgamma is not None:
-        targets.append(dgamma)
-        upstream.append(tf.cast(ddgamma, dgamma.dtype))
-    if center and ddbeta is not None:
-        targets.append(dbeta)
-        upstream.append(tf.cast(ddbeta, dbeta.dtype))
-    grads = tape.gradient(targets, inputs, output_gradients=upstream,
+    for wanted, out, up in ((scale, dgamma, ddgamma), (center, dbeta, ddbeta)):
+        if wanted and up is not None:
+            targets.append(out)
+            upstream.append(tf.cast(up, out.dtype))
+    grads = tape.gradient(targets, watched, output_gradients=upstream,
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    d_dy, d_x, d_mean, d_rstd = (tf.cast(g, t.dtype) for g, t in zip(grads[:4], inputs[:4]))
-    d_gamma = tf.cast(grads[4], gamma.dtype) if scale else None
-    return d_dy, d_x, d_gamma, d_mean, d_rstd
+    grads = [tf.cast(g, t.dtype) for g, t in zip(grads, watched)]
+    d_gamma = grads.pop() if scale else None
+    d_dy, d_x, d_stats = grads[0], grads[1], grads[2:]
+    return (d_dy, d_x, d_gamma, *d_stats)
+
+
+@tf.RegisterGradient(LAYER_NORM_GRAD_OP)
+def _layer_norm_grad_grad(op, ddx, ddgamma, ddbeta):
+    return _grad_of_backward(op, ddx, ddgamma, ddbeta, rms=False)
 
 
 @tf.RegisterGradient(RMS_NORM_OP)
@@ -454,20 +461,4 @@ def _rms_norm_grad(op, dy, drstd):
 
 @tf.RegisterGradient(RMS_NORM_GRAD_OP)
 def _rms_norm_grad_grad(op, ddx, ddgamma):
-    """Second-order gradients of RMSNorm, as for LayerNormGrad."""
-    dy, x, gamma, rstd = op.inputs
-    scale = op.get_attr("scale")
-    begin = op.get_attr("begin_norm_axis")
-    num = op.get_attr("num_norm_axes")
-    inputs = [dy, x, rstd] + ([gamma] if scale else [])
-    with tf.GradientTape() as tape:
-        tape.watch(inputs)
-        dx, dgamma, _ = _composite_backward(dy, x, gamma, None, rstd, begin, num, scale)
-    targets, upstream = [dx], [tf.cast(ddx, dx.dtype) if ddx is not None else tf.zeros_like(dx)]
-    if scale and ddgamma is not None:
-        targets.append(dgamma)
-        upstream.append(tf.cast(ddgamma, dgamma.dtype))
-    grads = tape.gradient(targets, inputs, output_gradients=upstream,
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    d_dy, d_x, d_rstd = (tf.cast(g, t.dtype) for g, t in zip(grads[:3], inputs[:3]))
-    return d_dy, d_x, (tf.cast(grads[3], gamma.dtype) if scale else None), d_rstd
+    return _grad_of_backward(op, ddx, ddgamma, None, rms=True)

@@ -276,12 +276,14 @@ struct Launch<GpuDevice, T, U> {
 };
 #endif  // GOOGLE_CUDA
 
-template <typename Device, typename T, typename U>
-class LayerNormOp : public LayerNormBase {
+// The forward ops. LayerNorm: (x, gamma, beta) -> (y, mean, rstd); RMSNorm
+// (kRms): (x, gamma) -> (y, rstd), the same kernels with no mean and no beta.
+template <typename Device, typename T, typename U, bool kRms>
+class NormOp : public LayerNormBase {
   using C = ComputeType<T>;
 
  public:
-  explicit LayerNormOp(OpKernelConstruction* ctx) : LayerNormBase(ctx) {
+  explicit NormOp(OpKernelConstruction* ctx) : LayerNormBase(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
     OP_REQUIRES(ctx, std::isfinite(epsilon_) && epsilon_ >= 0.0f,
                 InvalidArgument("epsilon must be finite and >= 0, got ", epsilon_));
@@ -290,49 +292,56 @@ class LayerNormOp : public LayerNormBase {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     const Tensor& gamma = ctx->input(1);
-    const Tensor& beta = ctx->input(2);
     ResolvedAxes axes;
     OP_REQUIRES_OK(ctx, ResolveAxes(x.shape(), begin_norm_axis_, num_norm_axes_, &axes));
     OP_REQUIRES_OK(ctx, CheckParam("gamma", gamma, axes, x.shape(), scale_, "scale"));
-    OP_REQUIRES_OK(ctx, CheckParam("beta", beta, axes, x.shape(), center_, "center"));
+    const U* beta = nullptr;
+    if (!kRms) {
+      const Tensor& b = ctx->input(2);
+      OP_REQUIRES_OK(ctx, CheckParam("beta", b, axes, x.shape(), center_, "center"));
+      if (center_) beta = b.flat<U>().data();
+    }
 
     Tensor *y = nullptr, *mean = nullptr, *rstd = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, axes.stats_shape, &mean));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, axes.stats_shape, &rstd));
+    if (!kRms) OP_REQUIRES_OK(ctx, ctx->allocate_output(1, axes.stats_shape, &mean));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(kRms ? 1 : 2, axes.stats_shape, &rstd));
 
     OP_REQUIRES_OK(ctx, (Launch<Device, T, U>::Forward(
-                            ctx, /*rms=*/false, axes.geometry, x.flat<T>().data(),
-                            scale_ ? gamma.flat<U>().data() : nullptr,
-                            center_ ? beta.flat<U>().data() : nullptr, epsilon_,
-                            y->flat<T>().data(), mean->flat<C>().data(), rstd->flat<C>().data())));
+                            ctx, kRms, axes.geometry, x.flat<T>().data(),
+                            scale_ ? gamma.flat<U>().data() : nullptr, beta, epsilon_,
+                            y->flat<T>().data(), kRms ? nullptr : mean->flat<C>().data(),
+                            rstd->flat<C>().data())));
   }
 
  private:
-  float epsilon_ = 1e-5f;
+  float epsilon_ = 0.0f;
 };
 
-template <typename Device, typename T, typename U>
-class LayerNormGradOp : public LayerNormBase {
+// The backward ops. LayerNormGrad: (dy, x, gamma, mean, rstd) -> (dx, dgamma,
+// dbeta); RMSNormGrad (kRms): (dy, x, gamma, rstd) -> (dx, dgamma).
+template <typename Device, typename T, typename U, bool kRms>
+class NormGradOp : public LayerNormBase {
   using C = ComputeType<T>;
 
  public:
-  explicit LayerNormGradOp(OpKernelConstruction* ctx) : LayerNormBase(ctx) {}
+  explicit NormGradOp(OpKernelConstruction* ctx) : LayerNormBase(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dy = ctx->input(0);
     const Tensor& x = ctx->input(1);
     const Tensor& gamma = ctx->input(2);
-    const Tensor& mean = ctx->input(3);
-    const Tensor& rstd = ctx->input(4);
+    const Tensor* mean = kRms ? nullptr : &ctx->input(3);
+    const Tensor& rstd = ctx->input(kRms ? 3 : 4);
     OP_REQUIRES(ctx, dy.shape() == x.shape(),
                 InvalidArgument("dy has shape ", dy.shape().DebugString(), " but x has shape ",
                                 x.shape().DebugString(), "; expected equal shapes"));
     ResolvedAxes axes;
     OP_REQUIRES_OK(ctx, ResolveAxes(x.shape(), begin_norm_axis_, num_norm_axes_, &axes));
     OP_REQUIRES_OK(ctx, CheckParam("gamma", gamma, axes, x.shape(), scale_, "scale"));
-    for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"mean", &mean},
+    for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"mean", mean},
                                   std::pair<const char*, const Tensor*>{"rstd", &rstd}}) {
+      if (t == nullptr) continue;
       OP_REQUIRES(ctx, t->shape() == axes.stats_shape,
                   InvalidArgument(name, " has shape ", t->shape().DebugString(), ", expected ",
                                   axes.stats_shape.DebugString(),
@@ -343,108 +352,44 @@ class LayerNormGradOp : public LayerNormBase {
     const TensorShape empty({0});
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, scale_ ? axes.norm_shape : empty, &dgamma));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, center_ ? axes.norm_shape : empty, &dbeta));
+    if (!kRms) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(2, center_ ? axes.norm_shape : empty, &dbeta));
+    }
 
     OP_REQUIRES_OK(ctx, (Launch<Device, T, U>::Backward(
-                            ctx, /*rms=*/false, axes.geometry, dy.flat<T>().data(),
-                            x.flat<T>().data(),
-                            scale_ ? gamma.flat<U>().data() : nullptr, mean.flat<C>().data(),
-                            rstd.flat<C>().data(), dx->flat<T>().data(),
-                            scale_ ? dgamma->flat<U>().data() : nullptr,
+                            ctx, kRms, axes.geometry, dy.flat<T>().data(), x.flat<T>().data(),
+                            scale_ ? gamma.flat<U>().data() : nullptr,
+                            kRms ? nullptr : mean->flat<C>().data(), rstd.flat<C>().data(),
+                            dx->flat<T>().data(), scale_ ? dgamma->flat<U>().data() : nullptr,
                             center_ ? dbeta->flat<U>().data() : nullptr)));
   }
 };
 
-// RMSNorm: the same kernels without mean and beta.
-template <typename Device, typename T, typename U>
-class RMSNormOp : public LayerNormBase {
-  using C = ComputeType<T>;
-
- public:
-  explicit RMSNormOp(OpKernelConstruction* ctx) : LayerNormBase(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
-    OP_REQUIRES(ctx, std::isfinite(epsilon_) && epsilon_ >= 0.0f,
-                InvalidArgument("epsilon must be finite and >= 0, got ", epsilon_));
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& x = ctx->input(0);
-    const Tensor& gamma = ctx->input(1);
-    ResolvedAxes axes;
-    OP_REQUIRES_OK(ctx, ResolveAxes(x.shape(), begin_norm_axis_, num_norm_axes_, &axes));
-    OP_REQUIRES_OK(ctx, CheckParam("gamma", gamma, axes, x.shape(), scale_, "scale"));
-    Tensor *y = nullptr, *rstd = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, axes.stats_shape, &rstd));
-    OP_REQUIRES_OK(ctx, (Launch<Device, T, U>::Forward(
-                            ctx, /*rms=*/true, axes.geometry, x.flat<T>().data(),
-                            scale_ ? gamma.flat<U>().data() : nullptr, nullptr, epsilon_,
-                            y->flat<T>().data(), nullptr, rstd->flat<C>().data())));
-  }
-
- private:
-  float epsilon_ = 1e-6f;
-};
-
-template <typename Device, typename T, typename U>
-class RMSNormGradOp : public LayerNormBase {
-  using C = ComputeType<T>;
-
- public:
-  explicit RMSNormGradOp(OpKernelConstruction* ctx) : LayerNormBase(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& dy = ctx->input(0);
-    const Tensor& x = ctx->input(1);
-    const Tensor& gamma = ctx->input(2);
-    const Tensor& rstd = ctx->input(3);
-    OP_REQUIRES(ctx, dy.shape() == x.shape(),
-                InvalidArgument("dy has shape ", dy.shape().DebugString(), " but x has shape ",
-                                x.shape().DebugString(), "; expected equal shapes"));
-    ResolvedAxes axes;
-    OP_REQUIRES_OK(ctx, ResolveAxes(x.shape(), begin_norm_axis_, num_norm_axes_, &axes));
-    OP_REQUIRES_OK(ctx, CheckParam("gamma", gamma, axes, x.shape(), scale_, "scale"));
-    OP_REQUIRES(ctx, rstd.shape() == axes.stats_shape,
-                InvalidArgument("rstd has shape ", rstd.shape().DebugString(), ", expected ",
-                                axes.stats_shape.DebugString(),
-                                " (x's shape with the normalized dims set to 1)"));
-    Tensor *dx = nullptr, *dgamma = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
-    OP_REQUIRES_OK(ctx,
-                   ctx->allocate_output(1, scale_ ? axes.norm_shape : TensorShape({0}), &dgamma));
-    OP_REQUIRES_OK(ctx, (Launch<Device, T, U>::Backward(
-                            ctx, /*rms=*/true, axes.geometry, dy.flat<T>().data(),
-                            x.flat<T>().data(), scale_ ? gamma.flat<U>().data() : nullptr,
-                            nullptr, rstd.flat<C>().data(), dx->flat<T>().data(),
-                            scale_ ? dgamma->flat<U>().data() : nullptr, nullptr)));
-  }
-};
-
-#define TFLN_REGISTER(DEVICE, DeviceType, T, U)                                      \
-  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>LayerNorm")                          \
-                              .Device(DEVICE)                                    \
-                              .TypeConstraint<T>("T")                            \
-                              .TypeConstraint<U>("U")                            \
-                              .TypeConstraint<ComputeType<T>>("S"),              \
-                          LayerNormOp<DeviceType, T, U>);                            \
-  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>LayerNormGrad")                      \
-                              .Device(DEVICE)                                    \
-                              .TypeConstraint<T>("T")                            \
-                              .TypeConstraint<U>("U")                            \
-                              .TypeConstraint<ComputeType<T>>("S"),              \
-                          LayerNormGradOp<DeviceType, T, U>);                    \
-  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>RMSNorm")                            \
-                              .Device(DEVICE)                                    \
-                              .TypeConstraint<T>("T")                            \
-                              .TypeConstraint<U>("U")                            \
-                              .TypeConstraint<ComputeType<T>>("S"),              \
-                          RMSNormOp<DeviceType, T, U>);                          \
-  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>RMSNormGrad")                        \
-                              .Device(DEVICE)                                    \
-                              .TypeConstraint<T>("T")                            \
-                              .TypeConstraint<U>("U")                            \
-                              .TypeConstraint<ComputeType<T>>("S"),              \
-                          RMSNormGradOp<DeviceType, T, U>);
+#define TFLN_REGISTER(DEVICE, DeviceType, T, U)                                     \
+  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>LayerNorm")                             \
+                              .Device(DEVICE)                                       \
+                              .TypeConstraint<T>("T")                               \
+                              .TypeConstraint<U>("U")                               \
+                              .TypeConstraint<ComputeType<T>>("S"),                 \
+                          NormOp<DeviceType, T, U, false>);                         \
+  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>LayerNormGrad")                         \
+                              .Device(DEVICE)                                       \
+                              .TypeConstraint<T>("T")                               \
+                              .TypeConstraint<U>("U")                               \
+                              .TypeConstraint<ComputeType<T>>("S"),                 \
+                          NormGradOp<DeviceType, T, U, false>);                     \
+  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>RMSNorm")                               \
+                              .Device(DEVICE)                                       \
+                              .TypeConstraint<T>("T")                               \
+                              .TypeConstraint<U>("U")                               \
+                              .TypeConstraint<ComputeType<T>>("S"),                 \
+                          NormOp<DeviceType, T, U, true>);                          \
+  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>RMSNormGrad")                           \
+                              .Device(DEVICE)                                       \
+                              .TypeConstraint<T>("T")                               \
+                              .TypeConstraint<U>("U")                               \
+                              .TypeConstraint<ComputeType<T>>("S"),                 \
+                          NormGradOp<DeviceType, T, U, true>);
 
 // Same-dtype parameters, plus float32 parameters for half-precision x (the
 // mixed-precision layout: float32 variables, float16/bfloat16 activations).

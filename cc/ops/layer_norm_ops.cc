@@ -100,27 +100,30 @@ Status CheckEpsilon(InferenceContext* c) {
   return Status();
 }
 
-Status ForwardShape(InferenceContext* c) {
+// LayerNorm (x, gamma, beta) -> (y, mean, rstd); RMSNorm (rms): (x, gamma) ->
+// (y, rstd), no beta and no center attr.
+Status NormForwardShape(InferenceContext* c, bool rms) {
   TF_RETURN_IF_ERROR(CheckTypes(c));
   TF_RETURN_IF_ERROR(CheckEpsilon(c));
-  bool scale, center, rank_known;
+  bool scale, center = false, rank_known;
   TF_RETURN_IF_ERROR(c->GetAttr("scale", &scale));
-  TF_RETURN_IF_ERROR(c->GetAttr("center", &center));
+  if (!rms) TF_RETURN_IF_ERROR(c->GetAttr("center", &center));
   ShapeHandle x = c->input(0), norm, stats;
   TF_RETURN_IF_ERROR(NormShapes(c, x, &norm, &stats, &rank_known));
   TF_RETURN_IF_ERROR(CheckParam(c, "gamma", c->input(1), norm, x, scale));
-  TF_RETURN_IF_ERROR(CheckParam(c, "beta", c->input(2), norm, x, center));
+  if (!rms) TF_RETURN_IF_ERROR(CheckParam(c, "beta", c->input(2), norm, x, center));
   c->set_output(0, x);
-  c->set_output(1, stats);
-  c->set_output(2, stats);
+  for (int i = 1; i < c->num_outputs(); ++i) c->set_output(i, stats);
   return Status();
 }
 
-Status BackwardShape(InferenceContext* c) {
+// LayerNormGrad (dy, x, gamma, mean, rstd) -> (dx, dgamma, dbeta); RMSNormGrad
+// (rms): (dy, x, gamma, rstd) -> (dx, dgamma).
+Status NormBackwardShape(InferenceContext* c, bool rms) {
   TF_RETURN_IF_ERROR(CheckTypes(c));
-  bool scale, center, rank_known;
+  bool scale, center = false, rank_known;
   TF_RETURN_IF_ERROR(c->GetAttr("scale", &scale));
-  TF_RETURN_IF_ERROR(c->GetAttr("center", &center));
+  if (!rms) TF_RETURN_IF_ERROR(c->GetAttr("center", &center));
   ShapeHandle x;
   if (!c->Merge(c->input(0), c->input(1), &x).ok()) {
     return tensorflow::errors::InvalidArgument("dy has shape ", c->DebugString(c->input(0)),
@@ -130,57 +133,26 @@ Status BackwardShape(InferenceContext* c) {
   ShapeHandle norm, stats;
   TF_RETURN_IF_ERROR(NormShapes(c, x, &norm, &stats, &rank_known));
   TF_RETURN_IF_ERROR(CheckParam(c, "gamma", c->input(2), norm, x, scale));
-  for (int i : {3, 4}) {
+  for (int i = 3; i < c->num_inputs(); ++i) {
     ShapeHandle unused;
     if (!c->Merge(c->input(i), stats, &unused).ok()) {
+      const bool is_rstd = i + 1 == c->num_inputs();
       return tensorflow::errors::InvalidArgument(
-          i == 3 ? "mean" : "rstd", " has shape ", c->DebugString(c->input(i)), ", expected ",
+          is_rstd ? "rstd" : "mean", " has shape ", c->DebugString(c->input(i)), ", expected ",
           c->DebugString(stats), " (x's shape with the normalized dims set to 1)");
     }
   }
   ShapeHandle empty = c->MakeShape({0});
   c->set_output(0, x);
   c->set_output(1, scale ? norm : empty);
-  c->set_output(2, center ? norm : empty);
+  if (!rms) c->set_output(2, center ? norm : empty);
   return Status();
 }
 
-// RMSNorm: the LayerNorm shapes without mean and beta.
-Status RmsForwardShape(InferenceContext* c) {
-  TF_RETURN_IF_ERROR(CheckTypes(c));
-  TF_RETURN_IF_ERROR(CheckEpsilon(c));
-  bool scale, rank_known;
-  TF_RETURN_IF_ERROR(c->GetAttr("scale", &scale));
-  ShapeHandle x = c->input(0), norm, stats;
-  TF_RETURN_IF_ERROR(NormShapes(c, x, &norm, &stats, &rank_known));
-  TF_RETURN_IF_ERROR(CheckParam(c, "gamma", c->input(1), norm, x, scale));
-  c->set_output(0, x);
-  c->set_output(1, stats);
-  return Status();
-}
-
-Status RmsBackwardShape(InferenceContext* c) {
-  TF_RETURN_IF_ERROR(CheckTypes(c));
-  bool scale, rank_known;
-  TF_RETURN_IF_ERROR(c->GetAttr("scale", &scale));
-  ShapeHandle x;
-  if (!c->Merge(c->input(0), c->input(1), &x).ok()) {
-    return tensorflow::errors::InvalidArgument("dy has shape ", c->DebugString(c->input(0)),
-                                               " but x has shape ", c->DebugString(c->input(1)),
-                                               "; expected equal shapes");
-  }
-  ShapeHandle norm, stats, unused;
-  TF_RETURN_IF_ERROR(NormShapes(c, x, &norm, &stats, &rank_known));
-  TF_RETURN_IF_ERROR(CheckParam(c, "gamma", c->input(2), norm, x, scale));
-  if (!c->Merge(c->input(3), stats, &unused).ok()) {
-    return tensorflow::errors::InvalidArgument(
-        "rstd has shape ", c->DebugString(c->input(3)), ", expected ", c->DebugString(stats),
-        " (x's shape with the normalized dims set to 1)");
-  }
-  c->set_output(0, x);
-  c->set_output(1, scale ? norm : c->MakeShape({0}));
-  return Status();
-}
+Status ForwardShape(InferenceContext* c) { return NormForwardShape(c, /*rms=*/false); }
+Status BackwardShape(InferenceContext* c) { return NormBackwardShape(c, /*rms=*/false); }
+Status RmsForwardShape(InferenceContext* c) { return NormForwardShape(c, /*rms=*/true); }
+Status RmsBackwardShape(InferenceContext* c) { return NormBackwardShape(c, /*rms=*/true); }
 
 }  // namespace
 
