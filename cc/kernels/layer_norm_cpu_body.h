@@ -342,7 +342,12 @@ inline void BackwardRow(int64_t n, const S* __restrict xr, const S* __restrict d
   R sg = V::Zero(), sgx = V::Zero();
   ForVectors<V>(n, [&](int64_t i, int64_t k) {
     const R dyv = LoadK<V>(dyr + i, k);
-    const R xh = V::Mul(V::Sub(LoadK<V>(xr + i, k), muv), rsv);
+    R xh = V::Mul(V::Sub(LoadK<V>(xr + i, k), muv), rsv);
+    // Lanes past k load x as 0, so xh there is -mean * rstd: +-inf once
+    // |mean| * rstd overflows (e.g. a constant row of 1e20 with epsilon
+    // 1e-30), and 0 * inf would put NaN into sgx, hence into every dx of the
+    // row. Zero those lanes.
+    if (k < V::kW) xh = V::KeepN(xh, k);
     const R gv = kScale ? V::Mul(dyv, LoadK<V>(gamma + i, k)) : dyv;
     // Lanes past k: dy loads as 0, so gv is 0 and nothing is added.
     sg = V::Add(sg, gv);
