@@ -26,6 +26,43 @@ DEBIAN_RULES_JAVA = "/usr/share/bazel/rules/java"
 DEFAULT_CUDA_ARCHS = [75, 80, 86, 89, 90, 100, 120]
 
 
+# --config=asan: AddressSanitizer + UndefinedBehaviorSanitizer build of the
+# CPU kernels, for scripts/sanitize.sh (tests only; never packaged). CPU only:
+# the CUDA repository rule sees TF_LAYERNORM_NEED_CUDA=0 (--repo_env wins over
+# the --action_env above), so nvcc never runs and no flag reaches it. Its
+# outputs go to their own output directory (k8-opt-asan) and convenience links
+# (bazel-asan-bin, ...): the normal build's bazel-bin and outputs stay valid;
+# switching configs re-runs the CUDA repository rule (seconds) and rebuilds
+# nothing. -fno-sanitize-recover=all makes every UBSan report fatal; the
+# targets' own -O3 comes after these copts and wins.
+ASAN_LINES = [
+    "# Sanitizers (scripts/sanitize.sh): bazel build --config=asan //cc:_layer_norm_ops.so",
+    "build:asan --repo_env=TF_LAYERNORM_NEED_CUDA=0",
+    "build:asan --action_env=TF_LAYERNORM_NEED_CUDA=0",
+    "build:asan --platform_suffix=-asan",
+    "build:asan --symlink_prefix=bazel-asan-",
+    "build:asan --copt=-fsanitize=address,undefined,float-cast-overflow",
+    "build:asan --copt=-fno-sanitize-recover=all",
+    # GCC 12 cannot constant-evaluate absl's `fn == nullptr` (raw_hash_set.h)
+    # under the null / nonnull-attribute checks: off in the TUs that include
+    # TensorFlow's headers only. The TF-free kernels keep all of UBSan (and
+    # ASan reports any null dereference anyway).
+    "build:asan --per_file_copt=cc/ops/.*\\.cc,cc/kernels/layer_norm_kernels\\.cc,"
+    "cc/kernels/layer_norm_cpu_eigen_testing\\.cc@-fno-sanitize=null,"
+    "-fno-sanitize=nonnull-attribute,-fno-sanitize=returns-nonnull-attribute",
+    "build:asan --copt=-fno-omit-frame-pointer",
+    # libstdc++'s own bounds checks (std::vector::operator[] etc.) as well.
+    "build:asan --copt=-D_GLIBCXX_ASSERTIONS",
+    # GCC 12 false positives under -fsanitize in its own AVX-512 intrinsics
+    # (the _mm512_undefined_*() idiom): thousands per TU. Normal builds keep them.
+    "build:asan --copt=-Wno-uninitialized",
+    "build:asan --copt=-Wno-maybe-uninitialized",
+    "build:asan --copt=-g",
+    "build:asan --linkopt=-fsanitize=address,undefined",
+    "build:asan --strip=never",
+]
+
+
 def find_cuda_home():
     """The toolkit root: CUDA_HOME, CUDA_PATH, else where nvcc on PATH lives."""
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
@@ -150,6 +187,7 @@ def main():
             "fetch --override_repository=rules_java=%s" % DEBIAN_RULES_JAVA,
             "fetch --override_repository=rules_cc=%s" % os.path.join(ROOT, "third_party", "offline_rules_cc"),
         ]
+    lines += ASAN_LINES
     lines.append("try-import %workspace%/.bazelrc.local")
     with open(os.path.join(ROOT, ".bazelrc"), "w") as f:
         f.write("\n".join(lines) + "\n")
