@@ -26,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 EPS = 1e-5
+FLOOR = "tf_floor"  # not a peer: TensorFlow's per-call cost without any arithmetic
 
 # (name, shape, axis): the issue's shapes.
 CASES = [
@@ -45,18 +46,32 @@ def norm_axes(axis, rank):
     return sorted(a % rank for a in axes)
 
 
-def timeit(fn, min_runs=10, min_seconds=0.4, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 200:
-            break
-    return 1e3 * min(times), 1e3 * float(np.median(times))
+def time_interleaved(fns, min_runs=10, min_seconds=0.4, rounds=5, warmup=3):
+    """Times every callable in fns (name -> fn) in turns: `rounds` rounds, each
+    giving every fn min_seconds / rounds (at least min_runs / rounds calls).
+
+    On a shared machine the load drifts over seconds; taking turns exposes
+    every implementation to the same drift instead of giving one a quiet and
+    another a busy stretch. Returns name -> (min ms, median ms)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    per_round_runs = max(1, -(-min_runs // rounds))
+    per_round_seconds = min_seconds / rounds
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            ts = times[name]
+            start = time.perf_counter()
+            n = 0
+            while n < per_round_runs or time.perf_counter() - start < per_round_seconds:
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+                n += 1
+                if n >= 200:
+                    break
+    return {name: (1e3 * min(ts), 1e3 * float(np.median(ts))) for name, ts in times.items()}
 
 
 # ------------------------------------------------------------ implementations --
@@ -72,14 +87,21 @@ def tf_impls(x_np, dy_np, axis, dtype):
     tf_dtype = tf.bfloat16 if dtype == "bfloat16" else tf.float32
     x = tf.cast(tf.constant(x_np), tf_dtype)
     dy = tf.cast(tf.constant(dy_np), tf_dtype)
+    # bfloat16 rows use the policy bfloat16 models run under: bfloat16 in and
+    # out, float32 weights. (Under the default float32 policy every layer
+    # would return float32, so the row would time a bf16 -> f32 conversion
+    # of its input or output, not a bfloat16 LayerNorm; PyTorch's bfloat16
+    # row returns bfloat16.)
+    policy = "mixed_bfloat16" if dtype == "bfloat16" else "float32"
     layers = {
-        "tf_layernorm": lambda: tfln.LayerNorm(axis=axis, epsilon=EPS),
-        "keras3": lambda: keras.layers.LayerNormalization(axis=axis, epsilon=EPS),
+        "tf_layernorm": lambda: tfln.LayerNorm(axis=axis, epsilon=EPS, dtype=policy),
+        "keras3": lambda: keras.layers.LayerNormalization(axis=axis, epsilon=EPS, dtype=policy),
     }
     try:
         import tf_keras
 
-        layers["tf_keras"] = lambda: tf_keras.layers.LayerNormalization(axis=axis, epsilon=EPS)
+        layers["tf_keras"] = lambda: tf_keras.layers.LayerNormalization(
+            axis=axis, epsilon=EPS, dtype=policy)
     except ImportError:
         pass
     out = {}
@@ -96,6 +118,7 @@ def tf_impls(x_np, dy_np, axis, dtype):
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 y = layer(x)
+            assert y.dtype == dy.dtype, (y.dtype, dy.dtype)
             return tape.gradient(y, [x] + list(layer.trainable_variables), output_gradients=dy)
 
         # Eager execution is synchronous (asserted below): a call returns once
@@ -103,7 +126,29 @@ def tf_impls(x_np, dy_np, axis, dtype):
         # (No .numpy() of a slice afterwards: that added two eager ops and a
         # conversion, ~0.2 ms here, to every TF timing and to no peer's.)
         out[name] = (lambda f=fwd: f(x), lambda f=fwd_bwd: f(x))
+    out[FLOOR] = _tf_floor(x, dy, layer.trainable_variables)
     return out
+
+
+def _tf_floor(x, dy, variables):
+    """TensorFlow's per-call floor: tf.functions with the layers' inputs,
+    captures (the two variables, dy) and outputs, and no arithmetic. No TF
+    LayerNorm can take less; on small shapes it is most of every TF time."""
+    import tensorflow as tf
+
+    @tf.function
+    def fwd(x):
+        # Read the variables as a layer does (control edges keep the reads).
+        with tf.control_dependencies([tf.convert_to_tensor(v) for v in variables]):
+            return tf.identity(x)
+
+    @tf.function
+    def fwd_bwd(x):
+        # As many outputs as the gradient list: dx, dgamma, dbeta.
+        with tf.control_dependencies([x]):
+            return [tf.identity(dy)] + [tf.convert_to_tensor(v) for v in variables]
+
+    return (lambda: fwd(x), lambda: fwd_bwd(x))
 
 
 def torch_impl(x_np, dy_np, axis, dtype):
@@ -206,13 +251,12 @@ def run(cases, dtypes, quick):
             impls.update(tf_impls(x, dy, axis, dtype))
             impls.update(torch_impl(x, dy, axis, dtype))
             impls.update(ort_impl(x, axis, dtype))
-            for impl, (fwd, fwd_bwd) in impls.items():
-                print(f"[{k}/{total}] {name} {dtype} {impl}", flush=True)
-                for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                    if fn is None:
-                        continue
-                    tmin, tmed = timeit(fn, min_runs=5 if quick else 10,
-                                        min_seconds=0.1 if quick else 0.4)
+            print(f"[{k}/{total}] {name} {dtype}: " + ", ".join(impls), flush=True)
+            for m, mode in enumerate(("fwd", "fwd+bwd")):
+                fns = {impl: fb[m] for impl, fb in impls.items() if fb[m] is not None}
+                timed = time_interleaved(fns, min_runs=5 if quick else 10,
+                                         min_seconds=0.1 if quick else 0.4)
+                for impl, (tmin, tmed) in timed.items():
                     # fwd: read x, write y; fwd+bwd adds read x, dy, write dx.
                     moved = (2 if mode == "fwd" else 5) * elems * size
                     rows.append(dict(case=name, shape=list(shape), axis=axis, D=d, dtype=dtype,
@@ -244,7 +288,10 @@ def write_results(rows, out_dir):
              f"{meta['cpu']} ({machine}), {meta['date']}; "
              + ", ".join(f"{k} {v}" for k, v in versions.items()), "",
              "min ms (median ms) per call; GB/s from the min; 'x copy' = time / NumPy copy "
-             "of x (fwd roofline 1.0, fwd+bwd about 2.5); speed-up = peer time / ours.", ""]
+             "of x (fwd roofline 1.0, fwd+bwd about 2.5); speed-up = peer time / ours. "
+             "Implementations timed in turns (5 rounds each) on the same arrays; Keras "
+             "layers under the float32 policy for float32 rows, mixed_bfloat16 for "
+             "bfloat16 rows (bfloat16 in and out, as PyTorch's).", ""]
     peers = ["keras3", "tf_keras", "torch", "onnxruntime"]
     present = [p for p in peers if any(r["impl"] == p for r in rows)]
     header = ["case", "dtype", "mode", "tf_layernorm", "GB/s", "x copy"] + \
@@ -268,10 +315,46 @@ def write_results(rows, out_dir):
                     cells.append(f"{r['min_ms']:.3f}" if r else "-")
                     speed.append(f"{r['min_ms'] / ours['min_ms']:.2f}x" if r else "-")
                 lines.append("| " + " | ".join(cells + speed) + " |")
+    lines += _floor_section(index)
     with open(os.path.join(out_dir, "cpu.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(rows, os.path.join(out_dir, "cpu.png"), meta)
+
+
+# The forward cannot beat one copy of x; the backward about 1.5 more.
+ROOFLINE_COPIES = {"fwd": 1.0, "fwd+bwd": 2.5}
+
+
+def _floor_section(index):
+    """Markdown lines: how much of each TF time is the per-call floor, and the
+    best speed-up over Keras 3 any TF LayerNorm could show (kernels at memory
+    speed, nothing but the floor around them)."""
+    keys = list(dict.fromkeys(k[:3] for k in index if k[3] == FLOOR))
+    if not keys:
+        return []
+    lines = ["", "## TensorFlow's per-call floor", "",
+             f"`{FLOOR}`: a tf.function with the same inputs, captures (variables, dy) and "
+             "outputs as the timed ones and no arithmetic, timed in the same turns. 'above "
+             "floor' = time - floor. 'bound' = keras3 / (floor + roofline), roofline = copy "
+             "(fwd) or 2.5 x copy (fwd+bwd): the speed-up over Keras 3 of a TF LayerNorm "
+             "whose kernels ran at memory speed with nothing but the floor around them.", "",
+             "| case | dtype | mode | tf_floor ms | tf_layernorm above floor | keras3 above floor "
+             "| vs keras3 | vs keras3 above floor | bound vs keras3 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for case, dtype, mode in keys:
+        floor = index[(case, dtype, mode, FLOOR)]["min_ms"]
+        ours = index.get((case, dtype, mode, "tf_layernorm"))
+        keras = index.get((case, dtype, mode, "keras3"))
+        copy = index.get((case, dtype, "fwd", "copy"))
+        if ours is None or keras is None or copy is None:
+            continue
+        o, k = ours["min_ms"] - floor, keras["min_ms"] - floor
+        bound = keras["min_ms"] / (floor + ROOFLINE_COPIES[mode] * copy["min_ms"])
+        lines.append(f"| {case} | {dtype} | {mode} | {floor:.3f} | {o:.3f} | {k:.3f} | "
+                     f"{keras['min_ms'] / ours['min_ms']:.2f}x | "
+                     + (f"{k / o:.2f}x" if o > 0 else "-") + f" | {bound:.2f}x |")
+    return lines
 
 
 def _cpu_model():
@@ -298,7 +381,7 @@ def _plot(rows, path, meta):
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
         sel = [r for r in rows if r["mode"] == mode and r["dtype"] == "float32"
                and r["axis"] == -1]
-        for impl in dict.fromkeys(r["impl"] for r in sel):
+        for impl in dict.fromkeys(r["impl"] for r in sel if r["impl"] != FLOOR):
             pts = sorted((r["D"], r["gbps"]) for r in sel if r["impl"] == impl)
             # Several shapes share a D: keep the best for the line.
             best = {}
