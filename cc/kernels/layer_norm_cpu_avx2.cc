@@ -62,14 +62,20 @@ struct V {
   }
   static __m128i NarrowBF16(R v) {
     const __m256i u = _mm256_castps_si256(v);
-    const __m256i hi = _mm256_srli_epi32(u, 16);
-    const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
-    const __m256i r = _mm256_srli_epi32(
+    // Adding 0x7fff plus the lowest kept bit rounds the high half to nearest
+    // even (a carry into the exponent is the correct rounding up, to inf
+    // included).
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(
         _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    const __m256i nan_bits =
-        _mm256_or_si256(_mm256_and_si256(hi, _mm256_set1_epi32(0x8000)), _mm256_set1_epi32(0x7fc0));
     const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    return Pack16(_mm256_blendv_epi8(r, nan_bits, is_nan));
+    if (_mm256_movemask_epi8(is_nan) != 0) {  // rare: NaN lanes become sign | 0x7fc0
+      const __m256i nan_bits = _mm256_or_si256(
+          _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x8000)),
+          _mm256_set1_epi32(0x7fc0));
+      r = _mm256_blendv_epi8(r, nan_bits, is_nan);
+    }
+    return Pack16(r);
   }
   static R Load(const BF16* p) {
     return WidenBF16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -109,11 +115,12 @@ struct V {
   }
   static __m128i NarrowF16(R v) {
     const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    if (_mm256_movemask_epi8(is_nan) == 0) return h;  // NaN lanes are rare
     const __m256i u = _mm256_castps_si256(v);
     const __m256i nan_bits = _mm256_or_si256(
         _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x8000)),
         _mm256_set1_epi32(0x7e00));
-    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     // 32-bit all-ones masks pack (signed saturation) to 16-bit all-ones.
     const __m128i is_nan16 =
         _mm_packs_epi32(_mm256_castsi256_si128(is_nan), _mm256_extracti128_si256(is_nan, 1));

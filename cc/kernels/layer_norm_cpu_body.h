@@ -156,12 +156,68 @@ inline typename V::R Affine(typename V::R xhat, const P* gamma, const P* beta, i
 
 // ------------------------------------------------------------------ forward --
 
+// Half-precision rows up to this many elements are widened to float once,
+// into a stack buffer, and the passes read that (16 KiB: L1-resident). The
+// widening of 16-bit values costs about as much as the arithmetic on them, so
+// doing it once instead of in every pass is most of a half row's time. The
+// values are the same, so are the results.
+constexpr int64_t kRowCacheElems = 4096;
+
+// Widens n values at src into dst (full vectors: lanes past n hold zeros).
+template <class V, class S>
+inline void WidenRow(const S* __restrict src, int64_t n, typename V::C* __restrict dst) {
+  ForVectors<V>(n, [&](int64_t i, int64_t k) { V::Store(dst + i, LoadK<V>(src + i, k)); });
+}
+
+// One row of the forward; X is the type the row is read as: S, or the
+// compute type when it was widened into a cache.
+template <class V, class X, class S, class P, bool kScale, bool kCenter>
+__attribute__((always_inline)) inline void ForwardRow(
+    const ForwardArgs& a, int64_t n, typename V::C inv_n, typename V::C eps,
+    const X* __restrict xr, S* __restrict yr, const P* __restrict gamma,
+    const P* __restrict beta, typename V::C* __restrict mean, typename V::C* __restrict rstd,
+    int64_t r) {
+  using C = typename V::C;
+  using R = typename V::R;
+  C mu = 0;
+  if (!a.rms) {
+    const C shift = V::First(V::LoadN(xr, 1));
+    mu = shift + RowSumShifted<V>(xr, n, V::Set1(shift)) * inv_n;
+    mean[r] = mu;
+  }
+  // RMSNorm: mu == 0, so x - mu is x exactly and the sum of squares is the
+  // mean square's.
+  C rs = Rsqrt<V>(RowSumSquares<V>(xr, n, V::Set1(mu)), inv_n, eps);
+  if (NeedsWideStats(mu, rs)) {
+    double wide_mu, wide_rs;
+    WideStats<V>(xr, n, 1, a.rms, a.epsilon, &wide_mu, &wide_rs);
+    mu = static_cast<C>(wide_mu);
+    rs = static_cast<C>(wide_rs);
+    if (!a.rms) mean[r] = mu;
+  }
+  const R muv = V::Set1(mu);
+  rstd[r] = rs;
+  const R rsv = V::Set1(rs);
+  if (a.stream) {
+    // The driver guarantees n is a multiple of kW and rows are aligned.
+    for (int64_t i = 0; i < n; i += V::kW) {
+      const R xhat = V::Mul(V::Sub(V::Load(xr + i), muv), rsv);
+      V::StoreStream(yr + i, Affine<V, P, kScale, kCenter>(xhat, gamma, beta, i, V::kW));
+    }
+  } else {
+    ForVectors<V>(n, [&](int64_t i, int64_t k) {
+      const R xhat = V::Mul(V::Sub(LoadK<V>(xr + i, k), muv), rsv);
+      StoreK<V>(yr + i, Affine<V, P, kScale, kCenter>(xhat, gamma, beta, i, k), k);
+    });
+  }
+}
+
 // inner == 1: units are rows. The first pass reads the row from memory, the
 // other two find it in L1/L2 (a 4096-float row is 16 KiB).
 template <class V, class S, class P, bool kScale, bool kCenter>
 void ForwardRows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
   using C = typename V::C;
-  using R = typename V::R;
+  constexpr bool kWiden = sizeof(S) < sizeof(C);
   const int64_t n = a.norm;
   const S* __restrict x = static_cast<const S*>(a.x);
   S* __restrict y = static_cast<S*>(a.y);
@@ -171,39 +227,17 @@ void ForwardRows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
   C* __restrict rstd = static_cast<C*>(a.rstd);
   const C inv_n = C(1) / static_cast<C>(n);
   const C eps = static_cast<C>(a.epsilon);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const S* __restrict xr = x + r * n;
-    S* __restrict yr = y + r * n;
-    C mu = 0;
-    if (!a.rms) {
-      const C shift = V::First(V::LoadN(xr, 1));
-      mu = shift + RowSumShifted<V>(xr, n, V::Set1(shift)) * inv_n;
-      mean[r] = mu;
+  if (kWiden && n <= kRowCacheElems) {
+    alignas(64) C cache[kWiden ? kRowCacheElems + V::kW : 1];
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      WidenRow<V>(x + r * n, n, cache);
+      ForwardRow<V, C, S, P, kScale, kCenter>(a, n, inv_n, eps, cache, y + r * n, gamma, beta,
+                                              mean, rstd, r);
     }
-    // RMSNorm: mu == 0, so x - mu is x exactly and the sum of squares is the
-    // mean square's.
-    C rs = Rsqrt<V>(RowSumSquares<V>(xr, n, V::Set1(mu)), inv_n, eps);
-    if (NeedsWideStats(mu, rs)) {
-      double wide_mu, wide_rs;
-      WideStats<V>(xr, n, 1, a.rms, a.epsilon, &wide_mu, &wide_rs);
-      mu = static_cast<C>(wide_mu);
-      rs = static_cast<C>(wide_rs);
-      if (!a.rms) mean[r] = mu;
-    }
-    const R muv = V::Set1(mu);
-    rstd[r] = rs;
-    const R rsv = V::Set1(rs);
-    if (a.stream) {
-      // The driver guarantees n is a multiple of kW and rows are aligned.
-      for (int64_t i = 0; i < n; i += V::kW) {
-        const R xhat = V::Mul(V::Sub(V::Load(xr + i), muv), rsv);
-        V::StoreStream(yr + i, Affine<V, P, kScale, kCenter>(xhat, gamma, beta, i, V::kW));
-      }
-    } else {
-      ForVectors<V>(n, [&](int64_t i, int64_t k) {
-        const R xhat = V::Mul(V::Sub(LoadK<V>(xr + i, k), muv), rsv);
-        StoreK<V>(yr + i, Affine<V, P, kScale, kCenter>(xhat, gamma, beta, i, k), k);
-      });
+  } else {
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      ForwardRow<V, S, S, P, kScale, kCenter>(a, n, inv_n, eps, x + r * n, y + r * n, gamma,
+                                              beta, mean, rstd, r);
     }
   }
   if (a.stream) V::Fence();
