@@ -402,14 +402,67 @@ def _plot(rows, path, meta):
     print(f"wrote {path}")
 
 
+def write_repeats(runs, out_dir):
+    """The spread of ours-vs-peer speed-ups over repeated runs of the same
+    cases (the machine is shared: one run is one sample). Writes
+    cpu_repeat.md and cpu_repeat.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    peers = [p for p in ("keras3", "tf_keras", "torch", "onnxruntime")
+             if any(r["impl"] == p for rows in runs for r in rows)]
+    speedups = {}
+    for rows in runs:
+        index = {(r["case"], r["dtype"], r["mode"], r["impl"]): r["min_ms"] for r in rows}
+        for (case, dtype, mode, impl), t in index.items():
+            ours = index.get((case, dtype, mode, "tf_layernorm"))
+            if impl in peers and ours:
+                speedups.setdefault((case, dtype, mode, impl), []).append(t / ours)
+    lines = ["# CPU LayerNorm benchmark: spread over repeated runs", "",
+             f"{len(runs)} runs of the same cases, one after another; each cell: speed-up of "
+             "tf_layernorm over the peer (peer min ms / ours) as min / median / max over the "
+             "runs, then how many runs reached 3x.", "",
+             "| case | dtype | mode | peer | min | median | max | runs >= 3x | every run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (case, dtype, mode, impl), v in speedups.items():
+        lines.append(f"| {case} | {dtype} | {mode} | {impl} | {min(v):.2f}x | "
+                     f"{float(np.median(v)):.2f}x | {max(v):.2f}x | "
+                     f"{sum(x >= 3 for x in v)}/{len(v)} | "
+                     + " ".join(f"{x:.2f}" for x in v) + " |")
+    with open(os.path.join(out_dir, "cpu_repeat.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "cpu_repeat.json"), "w") as f:
+        json.dump(dict(runs=runs), f, indent=1)
+    print("\n".join(lines))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer runs, float32 only")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--cases", nargs="+", metavar="NAME",
+                   help="only these cases (names as in the table, e.g. 256x768)")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, help="only these dtypes")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the cases N times and write the spread of the speed-ups "
+                        "(cpu_repeat.md/json) instead of the table")
     args = p.parse_args()
-    dtypes = ["float32"] if args.quick else DTYPES
-    rows = run(CASES, dtypes, args.quick)
+    cases = CASES
+    if args.cases:
+        unknown = set(args.cases) - {c[0] for c in CASES}
+        if unknown:
+            p.error(f"unknown case(s) {sorted(unknown)}; known: {[c[0] for c in CASES]}")
+        cases = [c for c in CASES if c[0] in args.cases]
+    dtypes = args.dtypes or (["float32"] if args.quick else DTYPES)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    if args.repeat > 1:
+        runs = []
+        for i in range(args.repeat):
+            print(f"== run {i + 1}/{args.repeat}", flush=True)
+            runs.append(run(cases, dtypes, args.quick))
+        write_repeats(runs, args.out)
+        return 0
+    rows = run(cases, dtypes, args.quick)
     write_results(rows, args.out)
     return 0
 

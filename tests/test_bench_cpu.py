@@ -43,3 +43,23 @@ def test_run_and_write_results(tmp_path):
     assert "| 2x4x6 axis=1 | bfloat16 | fwd |" in md.split("per-call floor")[1]
     data = json.loads((tmp_path / "cpu.json").read_text())
     assert len(data["rows"]) == len(rows) and "tensorflow" in data["meta"]["versions"]
+
+
+def test_repeat_writes_the_spread(tmp_path):
+    cases = [("8x32", (8, 32), -1)]
+    runs = [bench_cpu.run(cases, ["float32"], quick=True) for _ in range(2)]
+    bench_cpu.write_repeats(runs, str(tmp_path))
+    md = (tmp_path / "cpu_repeat.md").read_text()
+    row = [line for line in md.splitlines() if line.startswith("| 8x32 | float32 | fwd+bwd | keras3 |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    lo, med, hi = (float(c.rstrip("x")) for c in cells[4:7])
+    assert 0 < lo <= med <= hi
+    assert cells[7].endswith("/2") and len(cells[8].split()) == 2
+
+
+def test_cli_rejects_unknown_case():
+    import subprocess
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_cpu.py"),
+                           "--cases", "7x7"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown case" in proc.stderr
