@@ -105,8 +105,8 @@ def test_many_threads_at_once_all_results_correct():
     assert min(counts) >= 2, counts  # every thread really ran, several times
 
 
-def _child(code, timeout=600):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+def _child(code, timeout=600, **env_extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env_extra)
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=timeout, env=env,
@@ -114,6 +114,19 @@ def _child(code, timeout=600):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
+
+
+# TensorFlow keeps CPU memory statistics only in its pooled (BFC) CPU
+# allocator. It picks that one by itself only when oneDNN is on (by default
+# on Intel CPUs, not on AMD ones), so the children that read the statistics
+# ask for it, and check they got it, whatever CPU runs the suite.
+_BFC = dict(TF_CPU_ALLOCATOR_USE_BFC="true")
+_CHECK_BFC = """
+        try:
+            tf.config.experimental.get_memory_info("CPU:0")
+        except ValueError as e:
+            raise SystemExit(f"TF_CPU_ALLOCATOR_USE_BFC=true gave no memory statistics: {e}")
+"""
 
 
 _RSS = """
@@ -170,6 +183,7 @@ def test_forward_backward_peak_memory_is_outputs_plus_o_rows_plus_d(rms, path):
         import numpy as np, tensorflow as tf
         import tf_layernorm as tfln
         ops = tfln.load_ops()
+    """ + _CHECK_BFC + f"""
         rms, path = {rms!r}, {path!r}
         rows, d = 4096, 8192
         g, b = tf.ones([d]), tf.zeros([d])
@@ -203,7 +217,7 @@ def test_forward_backward_peak_memory_is_outputs_plus_o_rows_plus_d(rms, path):
         peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
         print("RESULT " + json.dumps(dict(base=base, peak=peak, x_bytes=rows * d * 4,
                                           rows=rows, d=d)))
-    """)
+    """, **_BFC)
     x_bytes, rows, d = out["x_bytes"], out["rows"], out["d"]
     extra = out["peak"] - out["base"]
     small = extra - 2 * x_bytes  # beyond the outputs y and dx
@@ -212,3 +226,60 @@ def test_forward_backward_peak_memory_is_outputs_plus_o_rows_plus_d(rms, path):
           f"(bound for O(rows + D): {bound / 2**20:.2f} MiB; x = {x_bytes / 2**20:.0f} MiB)")
     assert extra >= 2 * x_bytes, out  # the accounting sees the outputs
     assert small <= bound, out
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_in_graph_outputs_take_the_buffers_of_fresh_inputs(rms):
+    """Inside a tf.function, an input nothing else holds gives its buffer to
+    the output: the forward of a fresh x * one (128 MiB) costs x * one plus
+    O(rows + D), not a second 128 MiB for y; the backward of a fresh dy * one
+    likewise writes dx into dy's buffer. Allocator-exact peaks, as above."""
+    out = _child(f"""
+        import json
+        import numpy as np, tensorflow as tf
+        import tf_layernorm as tfln
+        ops = tfln.load_ops()
+    """ + _CHECK_BFC + f"""
+        rms = {rms!r}
+        rows, d = 4096, 8192
+        g, b = tf.ones([d]), tf.zeros([d])
+        x = tf.constant(np.random.default_rng(1).standard_normal((rows, d), dtype=np.float32))
+        dy = tf.constant(np.random.default_rng(2).standard_normal((rows, d), dtype=np.float32))
+        one = tf.constant(1.0)
+        common = dict(begin_norm_axis=-1, num_norm_axes=1, scale=True)
+
+        @tf.function
+        def forward(x, one):
+            if rms:
+                return ops.tf_layernorm_rms_norm(x * one, g, S=tf.float32, epsilon=1e-6,
+                                                 **common)[0]
+            return ops.tf_layernorm_layer_norm(x * one, g, b, S=tf.float32, epsilon=1e-5,
+                                               center=True, **common)[0]
+
+        y, mean, rstd = ops.tf_layernorm_layer_norm(x, g, b, S=tf.float32, epsilon=1e-5,
+                                                    center=True, **common)
+
+        @tf.function
+        def backward(dy, one):
+            if rms:
+                return ops.tf_layernorm_rms_norm_grad(dy * one, x, g, rstd, **common)[0]
+            return ops.tf_layernorm_layer_norm_grad(dy * one, x, g, mean, rstd, center=True,
+                                                    **common)[0]
+
+        peaks = {{}}
+        for name, fn, arg in (("forward", forward, x), ("backward", backward, dy)):
+            fn(arg, one)  # trace and warm up
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            base = tf.config.experimental.get_memory_info("CPU:0")["current"]
+            r = fn(arg, one)
+            peaks[name] = tf.config.experimental.get_memory_info("CPU:0")["peak"] - base
+            del r
+        print("RESULT " + json.dumps(dict(peaks, x_bytes=rows * d * 4, rows=rows, d=d)))
+    """, **_BFC)
+    x_bytes, rows, d = out["x_bytes"], out["rows"], out["d"]
+    bound = 16 * rows + (64 * 2 * 2 + 4) * 4 * d
+    for name in ("forward", "backward"):
+        extra = out[name]
+        print(f"{name}: peak {extra / 2**20:.2f} MiB = fresh input + "
+              f"{(extra - x_bytes) / 2**20:.2f} MiB (x = {x_bytes / 2**20:.0f} MiB)")
+        assert x_bytes <= extra <= x_bytes + bound, (name, out)

@@ -372,19 +372,8 @@ _RTOL = {"float32": 2e-5, "float64": 1e-10, "bfloat16": 2 ** -7, "float16": 2 **
 def test_each_isa_matches_float64_oracle(isa, case_dir):
     _needs(isa)
     got = _run_cases(isa, None, case_dir)
-    for i, (shape, axis, dt, pdt) in enumerate(NUMERIC_CASES):
-        x, g, b, dy = (got[f"{k}{i}"] for k in ("x", "g", "b", "dy"))
-        for name, ref in zip(OUTPUTS, _oracle(x, g, b, dy, axis)):
-            # Outputs are rounded to x's (or the parameters') dtype once; the
-            # float32 statistics add a few float32 ulps of the row's scale.
-            out_dt = dt if name in ("y", "dx", "ry", "rdx") else pdt
-            tol = max(_RTOL[out_dt], _RTOL[dt] if dt == "float64" else 2e-5)
-            scale = max(1.0, float(np.abs(ref).max()))
-            if name in ("dg", "db", "rdg"):
-                # A sum over the other dims: its error grows with their count.
-                scale *= np.sqrt(x.size / x.shape[axis % x.ndim])
-            np.testing.assert_allclose(got[f"{name}{i}"], ref, rtol=tol, atol=tol * scale,
-                                       err_msg=f"{isa} {shape} axis={axis} {dt}/{pdt} {name}")
+    for i, case in enumerate(NUMERIC_CASES):
+        _check_against_oracle(got, i, case, isa)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -396,6 +385,140 @@ def test_each_isa_is_bitwise_independent_of_thread_count(isa, case_dir):
         for name in OUTPUTS:
             key = f"bits_{name}{i}"
             assert one[key].tobytes() == many[key].tobytes(), (isa, NUMERIC_CASES[i], name)
+
+
+# ------------------------------------------- in place (forwarded buffers) --
+#
+# Inside a graph, TensorFlow hands an op its input's buffer as the output
+# when nothing else holds it; the ops then write y into x's buffer and dx into
+# dy's. Each case runs the four raw ops twice in one tf.function: once on
+# fresh intermediates (x * one, dy * one: their only consumer is our op, so
+# they are forwarded), once on the function's own arguments (held by the
+# caller: never forwarded). The library counts forwarded outputs, so the
+# test knows the in-place kernels really ran.
+
+_IN_PLACE_SCRIPT = """
+    import ctypes
+    import numpy as np, tensorflow as tf
+    import tf_layernorm
+    ops = tf_layernorm.load_ops()
+    lib = ctypes.CDLL(tf_layernorm.build_info()["library"])
+    lib.tf_layernorm_forwarded_buffers.restype = ctypes.c_int64
+    lib.tf_layernorm_cpu_isa.restype = ctypes.c_char_p
+    cases = {cases!r}
+
+    def four_ops(x_fwd, x_bwd, dy, g, b, a, s):
+        common = dict(begin_norm_axis=a, num_norm_axes=1, scale=True)
+        y, mean, rstd = ops.tf_layernorm_layer_norm(x_fwd, g, b, S=s, epsilon=1e-5,
+                                                    center=True, **common)
+        dx, dg, db = ops.tf_layernorm_layer_norm_grad(dy, x_bwd, g, mean, rstd, center=True,
+                                                      **common)
+        return y, dx, dg, db
+
+    def rms_ops(x_fwd, x_bwd, dy, g, a, s):
+        common = dict(begin_norm_axis=a, num_norm_axes=1, scale=True)
+        ry, rstd = ops.tf_layernorm_rms_norm(x_fwd, g, S=s, epsilon=1e-5, **common)
+        rdx, rdg = ops.tf_layernorm_rms_norm_grad(dy, x_bwd, g, rstd, **common)
+        return ry, rdx, rdg
+
+    out = {{}}
+    for i, (shape, axis, dt, pdt) in enumerate(cases):
+        rng = np.random.default_rng(100 + i)
+        a = axis % len(shape)
+        s = tf.float64 if dt == "float64" else tf.float32
+        x = tf.cast(tf.constant(rng.standard_normal(shape) * 2.0 + 0.5), dt)
+        g = tf.cast(tf.constant(1.0 + 0.5 * rng.standard_normal(shape[a])), pdt)
+        b = tf.cast(tf.constant(rng.standard_normal(shape[a])), pdt)
+        dy = tf.cast(tf.constant(rng.standard_normal(shape)), dt)
+        one = tf.constant(1.0, dt)
+
+        @tf.function
+        def fresh(x, dy, g, b, one, one_too):
+            # The forward's input is a fresh product the backward does not
+            # use (it reads x itself), so y may take its buffer; likewise dx
+            # takes dy * one's. Two multipliers, so that Grappler cannot merge
+            # LayerNorm's and RMSNorm's products into one tensor read twice.
+            ln = four_ops(x * one, x, dy * one, g, b, a, s)
+            rms = rms_ops(x * one_too, x, dy * one_too, g, a, s)
+            return ln + rms
+
+        @tf.function
+        def held(x, dy, g, b, one):
+            return four_ops(x, x, dy, g, b, a, s) + rms_ops(x, x, dy, g, a, s)
+
+        @tf.function
+        def dy_is_x(x, g, b, one):
+            # One fresh tensor as both dy and x: held twice, never forwarded.
+            t = x * one
+            y, mean, rstd = ops.tf_layernorm_layer_norm(x, g, b, S=s, epsilon=1e-5,
+                                                        begin_norm_axis=a, num_norm_axes=1,
+                                                        scale=True, center=True)
+            return ops.tf_layernorm_layer_norm_grad(t, t, g, mean, rstd, begin_norm_axis=a,
+                                                    num_norm_axes=1, scale=True,
+                                                    center=True)[0]
+
+        fresh(x, dy, g, b, one, one)  # trace and warm up outside the counts
+        held(x, dy, g, b, one)
+        dy_is_x(x, g, b, one)
+        c0 = lib.tf_layernorm_forwarded_buffers()
+        got = fresh(x, dy, g, b, one, one)
+        c1 = lib.tf_layernorm_forwarded_buffers()
+        ref = held(x, dy, g, b, one)
+        c2 = lib.tf_layernorm_forwarded_buffers()
+        dxx = dy_is_x(x, g, b, one)
+        out[f"forwarded{{i}}"] = np.array([c1 - c0, c2 - c1])
+        for k, t in (("x", x), ("g", g), ("b", b), ("dy", dy), ("dxx", dxx)):
+            out[f"{{k}}{{i}}"] = tf.cast(t, tf.float64).numpy()
+        for name, t, r in zip({outputs!r}, got, ref):
+            out[f"{{name}}{{i}}"] = tf.cast(t, tf.float64).numpy()
+            out[f"same_{{name}}{{i}}"] = np.array(
+                tf.bitcast(t, tf.uint8).numpy().tobytes() == tf.bitcast(r, tf.uint8).numpy().tobytes())
+    np.savez({path!r}, **out)
+    print("ISA", lib.tf_layernorm_cpu_isa().decode())
+"""
+
+
+def _check_against_oracle(got, i, case, label):
+    shape, axis, dt, pdt = case
+    x, g, b, dy = (got[f"{k}{i}"] for k in ("x", "g", "b", "dy"))
+    for name, ref in zip(OUTPUTS, _oracle(x, g, b, dy, axis)):
+        # Outputs are rounded to x's (or the parameters') dtype once; the
+        # float32 statistics add a few float32 ulps of the row's scale.
+        out_dt = dt if name in ("y", "dx", "ry", "rdx") else pdt
+        tol = max(_RTOL[out_dt], _RTOL[dt] if dt == "float64" else 2e-5)
+        scale = max(1.0, float(np.abs(ref).max()))
+        if name in ("dg", "db", "rdg"):
+            # A sum over the other dims: its error grows with their count.
+            scale *= np.sqrt(x.size / x.shape[axis % x.ndim])
+        np.testing.assert_allclose(got[f"{name}{i}"], ref, rtol=tol, atol=tol * scale,
+                                   err_msg=f"{label} {shape} axis={axis} {dt}/{pdt} {name}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_each_isa_writes_outputs_into_forwarded_input_buffers_correctly(isa, tmp_path):
+    """Every ISA, rows and channel layouts, every dtype, the streaming-store
+    and multi-threaded sizes: y computed in x's buffer and dx in dy's match
+    the float64 oracle and are bitwise the out-of-place results."""
+    _needs(isa)
+    path = os.path.join(tmp_path, "in_place.npz")
+    script = _IN_PLACE_SCRIPT.format(cases=NUMERIC_CASES, path=path, outputs=OUTPUTS)
+    proc = _run(script, _env(TF_LAYERNORM_CPU_ISA=isa), tmp_path)
+    assert _isa_of(proc) == isa
+    got = dict(np.load(path))
+    for i, case in enumerate(NUMERIC_CASES):
+        forwarded, held = got[f"forwarded{i}"]
+        # y into x's and dx into dy's buffer, for LayerNorm and RMSNorm.
+        assert (forwarded, held) == (4, 0), (isa, case, forwarded, held)
+        _check_against_oracle(got, i, case, f"{isa} in place")
+        for name in OUTPUTS:
+            assert got[f"same_{name}{i}"], (isa, case, name, "differs from out of place")
+        # dy and x one tensor: the oracle with dy = x.
+        x, g, b = (got[f"{k}{i}"] for k in ("x", "g", "b"))
+        ref_dx = _oracle(x, g, b, x, case[1])[1]
+        tol = max(_RTOL[case[2]], 2e-5)
+        np.testing.assert_allclose(got[f"dxx{i}"], ref_dx, rtol=tol,
+                                   atol=tol * max(1.0, float(np.abs(ref_dx).max())),
+                                   err_msg=f"{isa} {case} dy is x")
 
 
 # ------------------------------------------------------- parameter gradients --

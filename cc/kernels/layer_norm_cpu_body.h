@@ -15,6 +15,13 @@
 //   StoreStream(S*, R) (non-temporal, 64-byte aligned full vectors) with
 //   Fence() to order those stores before the range returns.
 //
+// In place: y may be x's buffer and dx dy's (the binding forwards TensorFlow's
+// input buffer when nothing else holds it). Every path reads an element of
+// x (dy) for the last time before it writes that element of y (dx), in the
+// same thread, and units never share elements; so those pointers carry no
+// __restrict (x/y, dy/dx), while the parameters and statistics, which never
+// alias an output, keep it.
+//
 // Numerics (as before the ISA split): statistics in V::C; the mean from sums
 // shifted by the row's first element (rows like 1e4 + N(0, 1) keep their
 // precision); the variance from a second pass over the cached row, never
@@ -174,7 +181,7 @@ inline void WidenRow(const S* __restrict src, int64_t n, typename V::C* __restri
 template <class V, class X, class S, class P, bool kScale, bool kCenter>
 __attribute__((always_inline)) inline void ForwardRow(
     const ForwardArgs& a, int64_t n, typename V::C inv_n, typename V::C eps,
-    const X* __restrict xr, S* __restrict yr, const P* __restrict gamma,
+    const X* xr, S* yr, const P* __restrict gamma,
     const P* __restrict beta, typename V::C* __restrict mean, typename V::C* __restrict rstd,
     int64_t r) {
   using C = typename V::C;
@@ -219,8 +226,8 @@ void ForwardRows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
   using C = typename V::C;
   constexpr bool kWiden = sizeof(S) < sizeof(C);
   const int64_t n = a.norm;
-  const S* __restrict x = static_cast<const S*>(a.x);
-  S* __restrict y = static_cast<S*>(a.y);
+  const S* x = static_cast<const S*>(a.x);
+  S* y = static_cast<S*>(a.y);
   const P* __restrict gamma = static_cast<const P*>(a.gamma);
   const P* __restrict beta = static_cast<const P*>(a.beta);
   C* __restrict mean = static_cast<C*>(a.mean);
@@ -254,8 +261,8 @@ void ForwardColumns(const ForwardArgs& a, int64_t unit_begin, int64_t unit_end) 
   using C = typename V::C;
   using R = typename V::R;
   const int64_t n = a.norm, inner = a.inner;
-  const S* __restrict x = static_cast<const S*>(a.x);
-  S* __restrict y = static_cast<S*>(a.y);
+  const S* x = static_cast<const S*>(a.x);
+  S* y = static_cast<S*>(a.y);
   const P* __restrict gamma = static_cast<const P*>(a.gamma);
   const P* __restrict beta = static_cast<const P*>(a.beta);
   C* __restrict mean = static_cast<C*>(a.mean);
@@ -270,7 +277,7 @@ void ForwardColumns(const ForwardArgs& a, int64_t unit_begin, int64_t unit_end) 
     const int64_t c0 = (u % a.chunks) * a.chunk;
     const int64_t w = MinI(a.chunk, inner - c0);
     const int64_t base = o * n * inner + c0;
-    const S* __restrict x0 = x + base;
+    const S* x0 = x + base;
     // Stack vectors are full width; lanes past w hold zeros.
     if (a.rms) {
       // RMSNorm: the mean is 0; shift holds the sum of squares below.
@@ -284,7 +291,7 @@ void ForwardColumns(const ForwardArgs& a, int64_t unit_begin, int64_t unit_end) 
         V::Store(acc + j, V::Zero());
       });
       for (int64_t d = 1; d < n; ++d) {
-        const S* __restrict xr = x0 + d * inner;
+        const S* xr = x0 + d * inner;
         ForVectors<V>(w, [&](int64_t j, int64_t k) {
           const R t = V::Sub(LoadK<V>(xr + j, k), V::Load(shift + j));
           V::Store(acc + j, V::Add(V::Load(acc + j), t));
@@ -297,7 +304,7 @@ void ForwardColumns(const ForwardArgs& a, int64_t unit_begin, int64_t unit_end) 
       });
     }
     for (int64_t d = 0; d < n; ++d) {
-      const S* __restrict xr = x0 + d * inner;
+      const S* xr = x0 + d * inner;
       ForVectors<V>(w, [&](int64_t j, int64_t k) {
         const R t = V::Sub(LoadK<V>(xr + j, k), V::Load(acc + j));
         V::Store(shift + j, V::MulAdd(t, t, V::Load(shift + j)));
@@ -323,8 +330,8 @@ void ForwardColumns(const ForwardArgs& a, int64_t unit_begin, int64_t unit_end) 
       StoreK<V>(rs + j, V::Load(shift + j), k);
     });
     for (int64_t d = 0; d < n; ++d) {
-      const S* __restrict xr = x0 + d * inner;
-      S* __restrict yr = y + base + d * inner;
+      const S* xr = x0 + d * inner;
+      S* yr = y + base + d * inner;
       const R gd = kScale ? V::Set1(V::First(V::LoadN(gamma + d, 1))) : V::Zero();
       const R bd = kCenter ? V::Set1(V::First(V::LoadN(beta + d, 1))) : V::Zero();
       ForVectors<V>(w, [&](int64_t j, int64_t k) {
@@ -366,9 +373,9 @@ inline void FlushCascade(typename V::C* __restrict level0, const typename V::C* 
 // kFirst: the row starts a cascade group, so it writes level 1 instead of
 // adding to it (no zeroing pass).
 template <class V, class S, class P, bool kScale, bool kCenter, bool kFirst>
-inline void BackwardRow(int64_t n, const S* __restrict xr, const S* __restrict dyr,
+inline void BackwardRow(int64_t n, const S* __restrict xr, const S* dyr,
                         const P* __restrict gamma, typename V::C mu, typename V::C rs,
-                        S* __restrict dxr, typename V::C* __restrict pg,
+                        S* dxr, typename V::C* __restrict pg,
                         typename V::C* __restrict pb, bool rms, bool stream) {
   using C = typename V::C;
   using R = typename V::R;
@@ -420,8 +427,8 @@ void BackwardRowsBlock(const BackwardArgs& a, int64_t block) {
   using C = typename V::C;
   const int64_t n = a.norm;
   const S* __restrict x = static_cast<const S*>(a.x);
-  const S* __restrict dy = static_cast<const S*>(a.dy);
-  S* __restrict dx = static_cast<S*>(a.dx);
+  const S* dy = static_cast<const S*>(a.dy);
+  S* dx = static_cast<S*>(a.dx);
   const P* __restrict gamma = static_cast<const P*>(a.gamma);
   const C* __restrict mean = static_cast<const C*>(a.mean);
   const C* __restrict rstd = static_cast<const C*>(a.rstd);
@@ -457,8 +464,8 @@ void BackwardColumnsBlock(const BackwardArgs& a, int64_t block) {
   using R = typename V::R;
   const int64_t n = a.norm, inner = a.inner;
   const S* __restrict x = static_cast<const S*>(a.x);
-  const S* __restrict dy = static_cast<const S*>(a.dy);
-  S* __restrict dx = static_cast<S*>(a.dx);
+  const S* dy = static_cast<const S*>(a.dy);
+  S* dx = static_cast<S*>(a.dx);
   const P* __restrict gamma = static_cast<const P*>(a.gamma);
   const C* __restrict mean = static_cast<const C*>(a.mean);
   const C* __restrict rstd = static_cast<const C*>(a.rstd);
@@ -488,7 +495,7 @@ void BackwardColumnsBlock(const BackwardArgs& a, int64_t block) {
     });
     for (int64_t d = 0; d < n; ++d) {
       const S* __restrict xr = x + base + d * inner;
-      const S* __restrict dyr = dy + base + d * inner;
+      const S* dyr = dy + base + d * inner;
       const R gd = kScale ? V::Set1(V::First(V::LoadN(gamma + d, 1))) : V::Set1(1);
       R tg = V::Zero(), tb = V::Zero();
       ForVectors<V>(w, [&](int64_t j, int64_t k) {
@@ -510,8 +517,8 @@ void BackwardColumnsBlock(const BackwardArgs& a, int64_t block) {
     });
     for (int64_t d = 0; d < n; ++d) {
       const S* __restrict xr = x + base + d * inner;
-      const S* __restrict dyr = dy + base + d * inner;
-      S* __restrict dxr = dx + base + d * inner;
+      const S* dyr = dy + base + d * inner;
+      S* dxr = dx + base + d * inner;
       const R gd = kScale ? V::Set1(V::First(V::LoadN(gamma + d, 1))) : V::Set1(1);
       ForVectors<V>(w, [&](int64_t j, int64_t k) {
         const R rsj = V::Load(rv + j);

@@ -1186,6 +1186,24 @@ Result LayerNormBackwardWorkspaceBytes(const BackwardArgs& args, size_t* bytes) 
   });
 }
 
+bool LayerNormForwardInPlaceSafe(const ForwardArgs& args) {
+  // Forward() takes the column kernel exactly when inner > 1.
+  return CheckGeometry(args.geometry).ok() && args.geometry.inner > 1;
+}
+
+bool LayerNormBackwardInPlaceSafe(const BackwardArgs& args) {
+  if (!CheckGeometry(args.geometry).ok() || args.geometry.inner != 1) return false;
+  bool registers = false;
+  // PlanBackward's choice for inner == 1, which depends on D and the dtype only.
+  const Result r = DispatchTypes(args.x_type, args.param_type, [&](auto t, auto) {
+    using T = decltype(t);
+    RowsPlan plan;
+    registers = PlanRows(args.geometry.norm, kVecWidth<T>, MaxVpt<T, kBackwardRowRegs>(), &plan);
+    return Result();
+  });
+  return r.ok() && registers;
+}
+
 Result LayerNormBackward(const BackwardArgs& args, Stream stream) {
   TFLN_RETURN_IF_ERROR(CheckGeometry(args.geometry));
   return DispatchTypes(args.x_type, args.param_type, [&](auto t, auto u) {

@@ -90,6 +90,20 @@ Result LayerNormBackwardWorkspaceBytes(const BackwardArgs& args, size_t* bytes);
 // order: bitwise repeatable for a given device and shape.
 Result LayerNormBackward(const BackwardArgs& args, Stream stream);
 
+// Whether the output may share the input's buffer (y with x, dx with dy), so
+// the binding can hand TensorFlow's forwarded input buffer to the kernel.
+// True only for kernel paths where each input element is read only by the
+// thread that later writes the output element at the same index, and read
+// before that write, with no later kernel reading the input: the forward's
+// column path (inner > 1: a thread owns a column), the backward's register
+// path (inner == 1, rows that fit registers: read once into registers). Not
+// the forward's row paths (rows whose statistics need the double-precision
+// recomputation are re-read by every thread of the row while others write),
+// not the backward's streaming or column paths (the dgamma/dbeta kernels
+// read dy after dx is written). Invalid arguments give false.
+bool LayerNormForwardInPlaceSafe(const ForwardArgs& args);
+bool LayerNormBackwardInPlaceSafe(const BackwardArgs& args);
+
 }  // namespace gpu
 }  // namespace tf_layernorm
 

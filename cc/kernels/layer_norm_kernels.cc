@@ -5,6 +5,7 @@
 #define EIGEN_USE_GPU
 #endif
 
+#include <atomic>
 #include <cmath>
 #include <string>
 
@@ -105,6 +106,26 @@ ParallelFor MakeParallelFor(OpKernelContext* ctx) {
   };
 }
 
+// Outputs written into a forwarded input's buffer (y into x's, dx into dy's),
+// counted for the tests, which read it through tf_layernorm_forwarded_buffers().
+std::atomic<int64_t> forwarded_buffers{0};
+
+// The output `out` of `ctx` in the buffer of input `in` when TensorFlow allows
+// it (same shape and dtype, and no other reference to the buffer) and the
+// kernel path is safe in place; a fresh buffer otherwise. A large output then
+// costs no fresh pages: with TensorFlow's plain CPU allocator, first-touch
+// page faults are most of a large op's time.
+Status ForwardOrAllocate(OpKernelContext* ctx, bool in_place_safe, int in, int out,
+                         Tensor** result) {
+  const Tensor& input = ctx->input(in);
+  if (!in_place_safe) return ctx->allocate_output(out, input.shape(), result);
+  TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({in}, out, input.shape(), result));
+  if (input.NumElements() > 0 && (*result)->data() == input.data()) {
+    forwarded_buffers.fetch_add(1, std::memory_order_relaxed);
+  }
+  return Status();
+}
+
 using CpuDevice = Eigen::ThreadPoolDevice;
 #if GOOGLE_CUDA
 using GpuDevice = Eigen::GpuDevice;
@@ -153,6 +174,12 @@ struct Launch;
 template <typename T, typename U>
 struct Launch<CpuDevice, T, U> {
   using C = ComputeType<T>;
+
+  // Every CPU path reads an element of x (dy) for the last time before it
+  // writes the same element of y (dx), in the same thread: see
+  // layer_norm_cpu_body.h.
+  static bool ForwardInPlaceSafe(bool, const NormGeometry&) { return true; }
+  static bool BackwardInPlaceSafe(bool, const NormGeometry&) { return true; }
 
   static Status Forward(OpKernelContext* ctx, bool rms, const NormGeometry& g, const T* x,
                         const U* gamma, const U* beta, float epsilon, T* y, C* mean, C* rstd) {
@@ -225,6 +252,24 @@ struct Launch<GpuDevice, T, U> {
 
   static gpu::Stream StreamOf(OpKernelContext* ctx) {
     return reinterpret_cast<gpu::Stream>(ctx->eigen_device<GpuDevice>().stream());
+  }
+
+  static bool ForwardInPlaceSafe(bool rms, const NormGeometry& g) {
+    gpu::ForwardArgs a;
+    a.rms = rms;
+    a.x_type = GpuType<T>::value;
+    a.param_type = GpuType<U>::value;
+    a.geometry = ToGpu(g);
+    return gpu::LayerNormForwardInPlaceSafe(a);
+  }
+
+  static bool BackwardInPlaceSafe(bool rms, const NormGeometry& g) {
+    gpu::BackwardArgs a;
+    a.rms = rms;
+    a.x_type = GpuType<T>::value;
+    a.param_type = GpuType<U>::value;
+    a.geometry = ToGpu(g);
+    return gpu::LayerNormBackwardInPlaceSafe(a);
   }
 
   static Status Forward(OpKernelContext* ctx, bool rms, const NormGeometry& g, const T* x,
@@ -303,7 +348,9 @@ class NormOp : public LayerNormBase {
     }
 
     Tensor *y = nullptr, *mean = nullptr, *rstd = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, ForwardOrAllocate(
+                            ctx, Launch<Device, T, U>::ForwardInPlaceSafe(kRms, axes.geometry),
+                            /*in=x*/ 0, /*out=y*/ 0, &y));
     if (!kRms) OP_REQUIRES_OK(ctx, ctx->allocate_output(1, axes.stats_shape, &mean));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(kRms ? 1 : 2, axes.stats_shape, &rstd));
 
@@ -350,7 +397,9 @@ class NormGradOp : public LayerNormBase {
 
     Tensor *dx = nullptr, *dgamma = nullptr, *dbeta = nullptr;
     const TensorShape empty({0});
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ForwardOrAllocate(
+                            ctx, Launch<Device, T, U>::BackwardInPlaceSafe(kRms, axes.geometry),
+                            /*in=dy*/ 0, /*out=dx*/ 0, &dx));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, scale_ ? axes.norm_shape : empty, &dgamma));
     if (!kRms) {
       OP_REQUIRES_OK(ctx, ctx->allocate_output(2, center_ ? axes.norm_shape : empty, &dbeta));
@@ -465,3 +514,9 @@ const bool kUnsupportedTypesRegistered = [] {
 
 }  // namespace
 }  // namespace tf_layernorm
+
+// Test hook (a plain C symbol of the op library, read through ctypes): how
+// many outputs so far were written into their input's forwarded buffer.
+extern "C" int64_t tf_layernorm_forwarded_buffers() {
+  return tf_layernorm::forwarded_buffers.load(std::memory_order_relaxed);
+}
