@@ -4,12 +4,21 @@
 // the pool's noise), this measures in nanoseconds per element, per ISA:
 //
 //   bazel build //cc:cpu_kernels_bench
-//   bazel-bin/cc/cpu_kernels_bench [rows D [reps]]
+//   bazel-bin/cc/cpu_kernels_bench [rows D [reps [cold]]]
 //   TF_LAYERNORM_CPU_ISA=avx2 bazel-bin/cc/cpu_kernels_bench 256 768
 //
 // Prints, for float32, bfloat16 and float16 (float32 parameters for the
 // 16-bit types, as under mixed precision): the minimum and median time of
-// the forward and the backward over `reps` calls on the same arrays.
+// the forward and the backward over `reps` calls on the same arrays, the
+// same in place (y written into x's buffer, dx into dy's, as the ops do when
+// TensorFlow forwards the input buffer), and the roofline: a one-thread
+// memcpy of x into y, warm buffers. Per byte moved, the forward moves what
+// that copy does (read x, write y) and the backward 1.5 times it (read x and
+// dy, write dx); the '/copy' columns divide by those. With `cold`, every
+// timed call (kernels and copy alike) starts with its arrays out of cache: a
+// 256 MiB buffer is rewritten before it, untimed (the memory-bound case of
+// tensors larger than the last-level cache; without it a 32 MiB input can
+// stay in a 32 MiB L3 from one call to the next).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -46,11 +55,16 @@ struct Stats {
   double min_ns, median_ns;
 };
 
-template <class F>
-Stats Time(int reps, F&& f) {
+// `setup` runs untimed before every call.
+template <class F, class G>
+Stats Time(int reps, F&& f, G&& setup) {
   std::vector<double> t;
-  for (int i = 0; i < 3; ++i) f();
+  for (int i = 0; i < 3; ++i) {
+    setup();
+    f();
+  }
   for (int i = 0; i < reps; ++i) {
+    setup();
     const auto t0 = std::chrono::steady_clock::now();
     f();
     const auto t1 = std::chrono::steady_clock::now();
@@ -58,6 +72,11 @@ Stats Time(int reps, F&& f) {
   }
   std::sort(t.begin(), t.end());
   return {t.front(), t[t.size() / 2]};
+}
+
+template <class F>
+Stats Time(int reps, F&& f) {
+  return Time(reps, f, [] {});
 }
 
 void Serial(int64_t units, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
@@ -70,10 +89,15 @@ int main(int argc, char** argv) {
   const int64_t rows = argc > 1 ? std::atoll(argv[1]) : 256;
   const int64_t d = argc > 2 ? std::atoll(argv[2]) : 768;
   const int reps = argc > 3 ? std::atoi(argv[3]) : 200;
-  if (rows <= 0 || d <= 0 || reps <= 0) {
-    std::fprintf(stderr, "usage: %s [rows > 0] [D > 0] [reps > 0]\n", argv[0]);
+  const bool cold = argc > 4 && std::strcmp(argv[4], "cold") == 0;
+  if (rows <= 0 || d <= 0 || reps <= 0 || (argc > 4 && !cold) || argc > 5) {
+    std::fprintf(stderr, "usage: %s [rows > 0] [D > 0] [reps > 0] [cold]\n", argv[0]);
     return 2;
   }
+  std::vector<char> evict(cold ? size_t{256} << 20 : 0);
+  const auto flush = [&] {
+    for (size_t i = 0; i < evict.size(); i += 64) evict[i] = static_cast<char>(evict[i] + 1);
+  };
   const int64_t n = rows * d;
   NormGeometry g;
   g.outer = rows;
@@ -90,10 +114,11 @@ int main(int argc, char** argv) {
   std::vector<float> work(tf_layernorm::LayerNormBackwardWorkspaceSize(g, true, true));
   const tf_layernorm::ParallelFor serial = Serial;
 
-  std::printf("ISA %s, %lld x %lld, one thread, %d reps: ns per element, min (median)\n",
+  std::printf("ISA %s, %lld x %lld, one thread, %d reps%s: ns per element, min (median)\n",
               tf_layernorm::LayerNormCpuIsa(), static_cast<long long>(rows),
-              static_cast<long long>(d), reps);
-  std::printf("%-9s %-20s %-20s %-20s\n", "dtype", "forward", "backward", "fwd+bwd us (min)");
+              static_cast<long long>(d), reps, cold ? ", cold caches" : "");
+  std::printf("%-9s %-18s %-18s %-18s %-18s %-12s %-8s %-8s\n", "dtype", "forward",
+              "backward", "fwd in place", "bwd in place", "copy", "fwd/copy", "bwd/1.5 copy");
   for (CpuDType t : {CpuDType::kF32, CpuDType::kBF16, CpuDType::kF16}) {
     const bool half = t != CpuDType::kF32;
     if (half) {
@@ -104,6 +129,14 @@ int main(int argc, char** argv) {
     }
     const void* x = half ? static_cast<const void*>(x16.data()) : x32.data();
     const void* dy = half ? static_cast<const void*>(dy16.data()) : dy32.data();
+    // In-place buffers: copies of x and dy, which the kernels overwrite;
+    // restored (untimed) before every call.
+    const size_t bytes = static_cast<size_t>(n) * (half ? 2 : 4);
+    std::vector<char> xi(bytes + 64), dyi(bytes + 64);
+    char* xin = xi.data() + (64 - reinterpret_cast<uintptr_t>(xi.data()) % 64) % 64;
+    char* dyin = dyi.data() + (64 - reinterpret_cast<uintptr_t>(dyi.data()) % 64) % 64;
+    std::memcpy(xin, x, bytes);
+    std::memcpy(dyin, dy, bytes);
     void* y = half ? static_cast<void*>(y16.data()) : y32.data();
     void* dx = half ? static_cast<void*>(dx16.data()) : dx32.data();
     bool ok = true;
@@ -111,23 +144,59 @@ int main(int argc, char** argv) {
       ok &= tf_layernorm::LayerNormForwardCpu(g, t, CpuDType::kF32, x, gamma.data(), beta.data(),
                                               1e-5, y, mean.data(), rstd.data(), serial) ==
             tf_layernorm::KernelStatus::kOk;
-    });
+    }, flush);
     const Stats bwd = Time(reps, [&] {
       ok &= tf_layernorm::LayerNormBackwardCpu(g, t, CpuDType::kF32, dy, x, gamma.data(),
                                                mean.data(), rstd.data(), dx, dgamma.data(),
                                                dbeta.data(), work.data(), serial) ==
             tf_layernorm::KernelStatus::kOk;
+    }, flush);
+    // In place must give the bits out of place gives (y and dx now hold the
+    // out-of-place results for x, dy and these statistics): the kernels' own
+    // alias check, on every ISA, without TensorFlow.
+    ok &= tf_layernorm::LayerNormForwardCpu(g, t, CpuDType::kF32, xin, gamma.data(), beta.data(),
+                                            1e-5, xin, mean.data(), rstd.data(), serial) ==
+          tf_layernorm::KernelStatus::kOk;
+    ok &= tf_layernorm::LayerNormBackwardCpu(g, t, CpuDType::kF32, dyin, x, gamma.data(),
+                                             mean.data(), rstd.data(), dyin, dgamma.data(),
+                                             dbeta.data(), work.data(), serial) ==
+          tf_layernorm::KernelStatus::kOk;
+    if (ok && (std::memcmp(xin, y, bytes) != 0 || std::memcmp(dyin, dx, bytes) != 0)) {
+      std::fprintf(stderr, "in-place results differ from out-of-place ones\n");
+      return 1;
+    }
+    const Stats fwd_in = Time(reps, [&] {
+      ok &= tf_layernorm::LayerNormForwardCpu(g, t, CpuDType::kF32, xin, gamma.data(),
+                                              beta.data(), 1e-5, xin, mean.data(), rstd.data(),
+                                              serial) == tf_layernorm::KernelStatus::kOk;
+    }, [&] {
+      std::memcpy(xin, x, bytes);
+      flush();
     });
+    const Stats bwd_in = Time(reps, [&] {
+      ok &= tf_layernorm::LayerNormBackwardCpu(g, t, CpuDType::kF32, dyin, x, gamma.data(),
+                                               mean.data(), rstd.data(), dyin, dgamma.data(),
+                                               dbeta.data(), work.data(), serial) ==
+            tf_layernorm::KernelStatus::kOk;
+    }, [&] {
+      std::memcpy(dyin, dy, bytes);
+      flush();
+    });
+    const Stats copy = Time(reps, [&] { std::memcpy(y, x, bytes); }, flush);
     if (!ok) {
       std::fprintf(stderr, "a kernel call failed\n");
       return 1;
     }
     const char* name = t == CpuDType::kF32 ? "float32" : t == CpuDType::kBF16 ? "bfloat16"
                                                                               : "float16";
-    char f[32], b[32];
+    char f[32], b[32], fi[32], bi[32], c[32];
     std::snprintf(f, sizeof f, "%.3f (%.3f)", fwd.min_ns / n, fwd.median_ns / n);
     std::snprintf(b, sizeof b, "%.3f (%.3f)", bwd.min_ns / n, bwd.median_ns / n);
-    std::printf("%-9s %-20s %-20s %.1f\n", name, f, b, (fwd.min_ns + bwd.min_ns) / 1e3);
+    std::snprintf(fi, sizeof fi, "%.3f (%.3f)", fwd_in.min_ns / n, fwd_in.median_ns / n);
+    std::snprintf(bi, sizeof bi, "%.3f (%.3f)", bwd_in.min_ns / n, bwd_in.median_ns / n);
+    std::snprintf(c, sizeof c, "%.3f", copy.min_ns / n);
+    std::printf("%-9s %-18s %-18s %-18s %-18s %-12s %-8.2f %-8.2f\n", name, f, b, fi, bi, c,
+                fwd.min_ns / copy.min_ns, bwd.min_ns / (1.5 * copy.min_ns));
   }
   return 0;
 }

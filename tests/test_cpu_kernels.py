@@ -521,6 +521,39 @@ def test_each_isa_writes_outputs_into_forwarded_input_buffers_correctly(isa, tmp
                                    err_msg=f"{isa} {case} dy is x")
 
 
+def test_forwarding_can_be_turned_off(tmp_path):
+    """TF_LAYERNORM_FORWARD_BUFFERS=0: the same graph as above allocates
+    every output (what the benchmarks compare against)."""
+    script = """
+        import ctypes
+        import tensorflow as tf
+        import tf_layernorm
+        ops = tf_layernorm.load_ops()
+        lib = ctypes.CDLL(tf_layernorm.build_info()["library"])
+        lib.tf_layernorm_forwarded_buffers.restype = ctypes.c_int64
+
+        @tf.function
+        def fresh(x, one):
+            y, mean, rstd = ops.tf_layernorm_layer_norm(
+                x * one, tf.ones([64]), tf.zeros([64]), S=tf.float32, epsilon=1e-5,
+                begin_norm_axis=-1, num_norm_axes=1, scale=True, center=True)
+            return ops.tf_layernorm_layer_norm_grad(
+                x * one, x, tf.ones([64]), mean, rstd, begin_norm_axis=-1, num_norm_axes=1,
+                scale=True, center=True)[0] + y
+
+        for _ in range(3):
+            fresh(tf.ones([8, 64]), tf.constant(1.0))
+        print("FORWARDED", lib.tf_layernorm_forwarded_buffers())
+    """
+    counts = {}
+    for setting in ("1", "0"):
+        proc = _run(script, _env(TF_LAYERNORM_FORWARD_BUFFERS=setting), tmp_path)
+        counts[setting] = int(proc.stdout.split("FORWARDED")[1].split()[0])
+    # On: at least the backward's dx per call (Grappler may merge the two
+    # x * one into one tensor, which then only its last reader may take).
+    assert counts["1"] >= 3 and counts["0"] == 0, counts
+
+
 # ------------------------------------------------------- parameter gradients --
 
 def test_dbeta_over_many_rows_keeps_float32_precision():

@@ -1,6 +1,8 @@
 """bench/cpu_kernels_bench.cc (the TF-free, single-thread kernel timer) builds
 with Bazel and runs on every ISA this CPU has, including shapes with partial
-vectors; bad arguments get a usage message and exit code 2."""
+vectors, and there finds the in-place kernels (y in x's buffer, dx in dy's)
+bitwise equal to the out-of-place ones (it exits 1 otherwise); bad arguments
+get a usage message and exit code 2."""
 import os
 import re
 import shutil
@@ -39,11 +41,17 @@ def test_runs_every_dtype(tool, isa, rows, d):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"ISA {isa}, {rows} x {d}, one thread, 3 reps")
     for dtype in ("float32", "bfloat16", "float16"):
-        m = re.search(rf"^{dtype}\s+([\d.]+) \(([\d.]+)\)\s+([\d.]+) \(([\d.]+)\)\s+([\d.]+)$",
+        timing = r"([\d.]+) \(([\d.]+)\)\s+"
+        m = re.search(rf"^{dtype}\s+{timing * 4}([\d.]+)\s+([\d.]+)\s+([\d.]+)$",
                       proc.stdout, re.M)
         assert m, proc.stdout
-        fwd_min, fwd_med, bwd_min, bwd_med = map(float, m.groups()[:4])
-        assert 0 < fwd_min <= fwd_med and 0 < bwd_min <= bwd_med
+        t = list(map(float, m.groups()))
+        for lo, hi in zip(t[0:8:2], t[1:8:2]):  # forward, backward, both in place
+            assert 0 < lo <= hi, proc.stdout
+        copy, fwd_ratio, bwd_ratio = t[8:]
+        assert copy > 0
+        assert fwd_ratio == pytest.approx(t[0] / copy, rel=0.05, abs=0.01), proc.stdout
+        assert bwd_ratio == pytest.approx(t[2] / (1.5 * copy), rel=0.05, abs=0.01), proc.stdout
 
 
 @pytest.mark.parametrize("args", [["0", "768"], ["4", "-1"], ["4", "8", "0"], ["x", "8"]])

@@ -7,6 +7,8 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "cc/kernels/layer_norm_cpu.h"
@@ -110,6 +112,16 @@ ParallelFor MakeParallelFor(OpKernelContext* ctx) {
 // counted for the tests, which read it through tf_layernorm_forwarded_buffers().
 std::atomic<int64_t> forwarded_buffers{0};
 
+// TF_LAYERNORM_FORWARD_BUFFERS=0 turns buffer forwarding off (read once per
+// process): for measuring what it saves, or ruling it out.
+bool ForwardingEnabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("TF_LAYERNORM_FORWARD_BUFFERS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+
 // The output `out` of `ctx` in the buffer of input `in` when TensorFlow allows
 // it (same shape and dtype, and no other reference to the buffer) and the
 // kernel path is safe in place; a fresh buffer otherwise. A large output then
@@ -118,7 +130,9 @@ std::atomic<int64_t> forwarded_buffers{0};
 Status ForwardOrAllocate(OpKernelContext* ctx, bool in_place_safe, int in, int out,
                          Tensor** result) {
   const Tensor& input = ctx->input(in);
-  if (!in_place_safe) return ctx->allocate_output(out, input.shape(), result);
+  if (!in_place_safe || !ForwardingEnabled()) {
+    return ctx->allocate_output(out, input.shape(), result);
+  }
   TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({in}, out, input.shape(), result));
   if (input.NumElements() > 0 && (*result)->data() == input.data()) {
     forwarded_buffers.fetch_add(1, std::memory_order_relaxed);
