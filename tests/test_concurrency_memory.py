@@ -283,3 +283,51 @@ def test_in_graph_outputs_take_the_buffers_of_fresh_inputs(rms):
         print(f"{name}: peak {extra / 2**20:.2f} MiB = fresh input + "
               f"{(extra - x_bytes) / 2**20:.2f} MiB (x = {x_bytes / 2**20:.0f} MiB)")
         assert x_bytes <= extra <= x_bytes + bound, (name, out)
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def test_large_fresh_outputs_are_advised_into_huge_pages():
+    """Under TensorFlow's plain allocator (oneDNN off: the default on AMD
+    CPUs) each large output is fresh memory, first touched by our kernel.
+    The kernels advise it into transparent huge pages first, so that it
+    costs one fault per 2 MiB instead of per 4 KiB (8192 x 1024 float32
+    forward here: 22 -> 6.5 ms). Four live 32 MiB outputs: with the advice
+    nearly all of them are huge pages; with TF_LAYERNORM_HUGE_PAGES=0 (and
+    THP in "madvise" mode) none are."""
+    mode = _thp_mode()
+    if mode not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages are {mode or 'not available'} on this machine")
+    code = """
+        import json, os
+        import tensorflow as tf
+        import tf_layernorm as tfln
+
+        def anon_huge_bytes():
+            with open("/proc/self/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("AnonHugePages:"):
+                        return int(line.split()[1]) * 1024
+            return 0
+
+        x = tf.random.normal((8192, 1024))
+        before = anon_huge_bytes()
+        ys = [tfln.layer_norm(x) for _ in range(4)]
+        print("RESULT " + json.dumps(dict(huge=anon_huge_bytes() - before,
+                                          outputs=sum(y.shape.num_elements() * 4 for y in ys))))
+    """
+    plain = dict(TF_ENABLE_ONEDNN_OPTS="0", TF_CPU_ALLOCATOR_USE_BFC="false")
+    on = _child(code, **plain)
+    off = _child(code, TF_LAYERNORM_HUGE_PAGES="0", **plain)
+    print(f"THP {mode}: huge pages over the outputs with advice {on['huge'] / 2**20:.0f} MiB, "
+          f"without {off['huge'] / 2**20:.0f} MiB (outputs {on['outputs'] / 2**20:.0f} MiB)")
+    # The advice covers each output's whole 2 MiB-aligned interior.
+    assert on["huge"] >= on["outputs"] - 4 * 4 * 2**20, on
+    if mode == "madvise":
+        assert off["huge"] < on["outputs"] // 4, off
