@@ -2,31 +2,39 @@
 
 Peers: Keras 3 LayerNormalization, tf_keras LayerNormalization (if installed),
 PyTorch F.layer_norm (if installed), ONNX Runtime LayerNormalization opset 17
-(forward, if installed), and the roofline: a NumPy copy of x (the forward
-cannot beat it; the backward cannot beat about 1.5 of it).
+(forward, if installed), and two floors: a NumPy copy of x (the forward
+cannot beat it; the backward cannot beat about 1.5 of it) and TensorFlow's own
+`x + 1.0` (no TF op returning a tensor of x's size is faster, allocation
+included).
 
-TF paths run inside tf.function, timed call to return (eager execution is
-synchronous, so the ops have run by then). Each case: warm-up, then repeated runs;
-minimum and median reported. Output in bench/results/: cpu.md (table),
-cpu.json (every number), cpu.png (throughput vs D).
+Every table is timed under both of TensorFlow's CPU allocators (plain and
+BFC, see machine.py), each in a child process. TF paths run inside
+tf.function, timed call to return (eager execution is synchronous, so the ops
+have run by then). Each case: warm-up, then repeated runs; minimum and median
+reported. Output in bench/results/: cpu.md (a table per allocator), cpu.json
+(every number), cpu.png (throughput vs D).
 
     bench/run_cpu.sh            # sets up, builds, installs peers, runs this
-    python bench/bench_cpu.py --quick
+    python bench/bench_cpu.py --quick [--allocator plain|bfc|both]
 """
 import argparse
-import json
 import os
-import platform
 import sys
-import time
 
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+import machine  # noqa: E402
+from common import (RESULTS, md_table, ms, pyplot, speedup, time_interleaved,  # noqa: E402
+                    write_json, write_md)
+
 EPS = 1e-5
-FLOOR = "tf_floor"  # not a peer: TensorFlow's per-call cost without any arithmetic
+# Not peers: TensorFlow's per-call cost without any arithmetic, and its own
+# x + 1.0 (per-call cost plus one elementwise op with a fresh output).
+CALL_FLOOR = "tf_call_floor"
+ADD_FLOOR = "tf_x+1"
+PEERS = ("keras3", "tf_keras", "torch", "onnxruntime")
 
 # (name, shape, axis): the issue's shapes.
 CASES = [
@@ -44,34 +52,6 @@ DTYPES = ["float32", "bfloat16"]
 def norm_axes(axis, rank):
     axes = [axis] if isinstance(axis, int) else list(axis)
     return sorted(a % rank for a in axes)
-
-
-def time_interleaved(fns, min_runs=10, min_seconds=0.4, rounds=5, warmup=3):
-    """Times every callable in fns (name -> fn) in turns: `rounds` rounds, each
-    giving every fn min_seconds / rounds (at least min_runs / rounds calls).
-
-    On a shared machine the load drifts over seconds; taking turns exposes
-    every implementation to the same drift instead of giving one a quiet and
-    another a busy stretch. Returns name -> (min ms, median ms)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    per_round_runs = max(1, -(-min_runs // rounds))
-    per_round_seconds = min_seconds / rounds
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            ts = times[name]
-            start = time.perf_counter()
-            n = 0
-            while n < per_round_runs or time.perf_counter() - start < per_round_seconds:
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-                n += 1
-                if n >= 200:
-                    break
-    return {name: (1e3 * min(ts), 1e3 * float(np.median(ts))) for name, ts in times.items()}
 
 
 # ------------------------------------------------------------ implementations --
@@ -126,11 +106,25 @@ def tf_impls(x_np, dy_np, axis, dtype):
         # (No .numpy() of a slice afterwards: that added two eager ops and a
         # conversion, ~0.2 ms here, to every TF timing and to no peer's.)
         out[name] = (lambda f=fwd: f(x), lambda f=fwd_bwd: f(x))
-    out[FLOOR] = _tf_floor(x, dy, layer.trainable_variables)
+    out[CALL_FLOOR] = _tf_call_floor(x, dy, layer.trainable_variables)
+    out[ADD_FLOOR] = (_tf_add_floor(x), None)
     return out
 
 
-def _tf_floor(x, dy, variables):
+def _tf_add_floor(x):
+    """TensorFlow's own x + 1.0 on x, in a tf.function: the least any TF op
+    that returns a new tensor of x's size takes, allocation included (under
+    the plain allocator, the first-touch page faults of a fresh output)."""
+    import tensorflow as tf
+
+    @tf.function
+    def add_one(x):
+        return x + tf.constant(1, x.dtype)
+
+    return lambda: add_one(x)
+
+
+def _tf_call_floor(x, dy, variables):
     """TensorFlow's per-call floor: tf.functions with the layers' inputs,
     captures (the two variables, dy) and outputs, and no arithmetic. No TF
     LayerNorm can take less; on small shapes it is most of every TF time."""
@@ -265,176 +259,198 @@ def run(cases, dtypes, quick):
     return rows
 
 
-def write_results(rows, out_dir):
-    os.makedirs(out_dir, exist_ok=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    try:
-        import tensorflow as tf
+def _index(rows):
+    return {(r["case"], r["dtype"], r["mode"], r["impl"]): r for r in rows}
 
-        versions = {"tensorflow": tf.__version__}
-    except ImportError:
-        versions = {}
-    for mod in ("keras", "torch", "onnxruntime", "tf_keras"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    meta = dict(machine=machine, cpu=_cpu_model(), date=time.strftime("%Y-%m-%d"),
-                versions=versions)
-    with open(os.path.join(out_dir, "cpu.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
-    lines = [f"# CPU LayerNorm benchmark", "",
-             f"{meta['cpu']} ({machine}), {meta['date']}; "
-             + ", ".join(f"{k} {v}" for k, v in versions.items()), "",
-             "min ms (median ms) per call; GB/s from the min; 'x copy' = time / NumPy copy "
-             "of x (fwd roofline 1.0, fwd+bwd about 2.5); speed-up = peer time / ours. "
-             "Implementations timed in turns (5 rounds each) on the same arrays; Keras "
-             "layers under the float32 policy for float32 rows, mixed_bfloat16 for "
-             "bfloat16 rows (bfloat16 in and out, as PyTorch's).", ""]
-    peers = ["keras3", "tf_keras", "torch", "onnxruntime"]
-    present = [p for p in peers if any(r["impl"] == p for r in rows)]
-    header = ["case", "dtype", "mode", "tf_layernorm", "GB/s", "x copy"] + \
-        [f"{p}" for p in present] + [f"vs {p}" for p in present]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    index = {(r["case"], r["dtype"], r["mode"], r["impl"]): r for r in rows}
-    for case in dict.fromkeys(r["case"] for r in rows):
-        for dtype in dict.fromkeys(r["dtype"] for r in rows):
-            for mode in ("fwd", "fwd+bwd"):
-                ours = index.get((case, dtype, mode, "tf_layernorm"))
-                if ours is None:
-                    continue
-                copy = index.get((case, dtype, "fwd", "copy"))
-                cells = [case, dtype, mode, f"{ours['min_ms']:.3f} ({ours['median_ms']:.3f})",
-                         f"{ours['gbps']:.1f}",
-                         f"{ours['min_ms'] / copy['min_ms']:.2f}" if copy else "-"]
-                speed = []
-                for p in present:
-                    r = index.get((case, dtype, mode, p))
-                    cells.append(f"{r['min_ms']:.3f}" if r else "-")
-                    speed.append(f"{r['min_ms'] / ours['min_ms']:.2f}x" if r else "-")
-                lines.append("| " + " | ".join(cells + speed) + " |")
-    lines += _floor_section(index)
-    with open(os.path.join(out_dir, "cpu.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    _plot(rows, os.path.join(out_dir, "cpu.png"), meta)
+def _get(index, case, dtype, mode, impl):
+    """The row of impl; the forward's for the single-mode references (NumPy
+    copy, TF x + 1.0), which every mode of a case is compared with."""
+    if impl in ("copy", ADD_FLOOR):
+        mode = "fwd"
+    return index.get((case, dtype, mode, impl))
+
+
+def _keys(rows):
+    """(case, dtype, mode) of the tf_layernorm rows, in run order, once each."""
+    return list(dict.fromkeys((r["case"], r["dtype"], r["mode"]) for r in rows
+                              if r["impl"] == "tf_layernorm"))
+
+
+def write_results(rows, meta, out_dir):
+    """cpu.md (the machine, then for each allocator setting in rows[i]["allocator"]
+    the main table and TensorFlow's per-call floor), cpu.json, cpu.png."""
+    write_json(os.path.join(out_dir, "cpu.json"), dict(meta=meta, rows=rows))
+    settings = list(dict.fromkeys(r["allocator"] for r in rows))
+    lines = ["# CPU LayerNorm benchmark", ""] + machine.header_lines(meta) + [
+        "min ms (median ms) per call; GB/s from the min; 'x copy' = time / NumPy copy "
+        "of x (fwd roofline 1.0, fwd+bwd about 2.5); 'TF x+1.0' = TensorFlow's own `x + 1.0` "
+        "on the same shape and dtype in a tf.function (the least any TF op returning a "
+        "tensor of x's size takes, allocation included), 'x TF x+1.0' = our time / it; "
+        "speed-up = peer time / ours. Implementations timed in turns (5 rounds each) on the "
+        "same arrays; Keras layers under the float32 policy for float32 rows, "
+        "mixed_bfloat16 for bfloat16 rows (bfloat16 in and out, as PyTorch's).", ""]
+    if any(r["impl"] == CALL_FLOOR for r in rows):
+        lines += [_FLOOR_LEGEND, ""]
+    if len(settings) > 1:
+        lines += _side_by_side(rows, settings)
+    for setting in settings:
+        sel = [r for r in rows if r["allocator"] == setting]
+        lines += ["## " + machine.setting_title(meta, setting), ""]
+        lines += _main_table(sel) + _floor_section(sel)
+    write_md(os.path.join(out_dir, "cpu.md"), lines)
+    _plot(rows, settings, os.path.join(out_dir, "cpu.png"), meta)
+
+
+def _main_table(rows):
+    index = _index(rows)
+    present = [p for p in PEERS if any(r["impl"] == p for r in rows)]
+    header = ["case", "dtype", "mode", "tf_layernorm", "GB/s", "x copy", "TF x+1.0 ms",
+              "x TF x+1.0"] + present + [f"vs {p}" for p in present]
+    body = []
+    for key in _keys(rows):
+        ours, copy, add = (_get(index, *key, impl) for impl in ("tf_layernorm", "copy", ADD_FLOOR))
+        peers = [_get(index, *key, p) for p in present]
+        body.append([*key, ms(ours), f"{ours['gbps']:.1f}",
+                     f"{ours['min_ms'] / copy['min_ms']:.2f}" if copy else "-",
+                     f"{add['min_ms']:.3f}" if add else "-",
+                     f"{ours['min_ms'] / add['min_ms']:.2f}" if add else "-"]
+                    + [f"{r['min_ms']:.3f}" if r else "-" for r in peers]
+                    + [speedup(r, ours) for r in peers])
+    return md_table(header, body)
+
+
+def _side_by_side(rows, settings):
+    """One table with every setting's tf_layernorm, Keras 3 and TF x + 1.0
+    times: how much of each number is the allocator."""
+    index = {s: _index([r for r in rows if r["allocator"] == s]) for s in settings}
+    header = ["case", "dtype", "mode"]
+    for s in settings:
+        header += [f"tf_layernorm {s}", f"keras3 {s}", f"vs keras3 {s}", f"TF x+1.0 {s}"]
+    body = []
+    for key in _keys(rows):
+        cells = list(key)
+        for s in settings:
+            ours, keras, add = (_get(index[s], *key, impl)
+                                for impl in ("tf_layernorm", "keras3", ADD_FLOOR))
+            cells += [f"{r['min_ms']:.3f}" if r else "-" for r in (ours, keras)]
+            cells += [speedup(keras, ours), f"{add['min_ms']:.3f}" if add else "-"]
+        body.append(cells)
+    return ["## The allocators side by side", "",
+            "min ms per call; the tables below have every peer.", ""] + md_table(header, body)
 
 
 # The forward cannot beat one copy of x; the backward about 1.5 more.
 ROOFLINE_COPIES = {"fwd": 1.0, "fwd+bwd": 2.5}
 
 
-def _floor_section(index):
+# What the per-call floor section of each allocator's table says.
+_FLOOR_LEGEND = (
+    f"`{CALL_FLOOR}` (in each setting's per-call floor table): a tf.function with the same "
+    "inputs, captures (variables, dy) and outputs as the timed ones and no arithmetic (and "
+    "so, unlike `TF x+1.0`, no new tensor), timed in the same turns. 'above floor' = time - "
+    "floor. 'at copy speed' = keras3 / (floor + roofline), roofline = copy (fwd) or 2.5 x "
+    "copy (fwd+bwd): the speed-up over Keras 3 of a TF LayerNorm whose kernels ran at "
+    "NumPy-copy speed with nothing but the floor around them (on small shapes the most any "
+    "TF op can show; large ones can beat the copy, which pays a read-for-ownership of its "
+    "output).")
+
+
+def _floor_section(rows):
     """Markdown lines: how much of each TF time is the per-call floor, and the
     best speed-up over Keras 3 any TF LayerNorm could show (kernels at memory
     speed, nothing but the floor around them)."""
-    keys = list(dict.fromkeys(k[:3] for k in index if k[3] == FLOOR))
+    index = _index(rows)
+    keys = list(dict.fromkeys(k[:3] for k in index if k[3] == CALL_FLOOR))
     if not keys:
         return []
-    lines = ["", "## TensorFlow's per-call floor", "",
-             f"`{FLOOR}`: a tf.function with the same inputs, captures (variables, dy) and "
-             "outputs as the timed ones and no arithmetic, timed in the same turns. 'above "
-             "floor' = time - floor. 'at copy speed' = keras3 / (floor + roofline), roofline = "
-             "copy (fwd) or 2.5 x copy (fwd+bwd): the speed-up over Keras 3 of a TF LayerNorm "
-             "whose kernels ran at NumPy-copy speed with nothing but the floor around them "
-             "(on small shapes the most any TF op can show; large ones can beat the copy, "
-             "which pays a read-for-ownership of its output).", "",
-             "| case | dtype | mode | tf_floor ms | tf_layernorm above floor | keras3 above floor "
-             "| vs keras3 | vs keras3 above floor | vs keras3 at copy speed |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for case, dtype, mode in keys:
-        floor = index[(case, dtype, mode, FLOOR)]["min_ms"]
-        ours = index.get((case, dtype, mode, "tf_layernorm"))
-        keras = index.get((case, dtype, mode, "keras3"))
-        copy = index.get((case, dtype, "fwd", "copy"))
+    body = []
+    for key in keys:
+        floor = index[(*key, CALL_FLOOR)]["min_ms"]
+        ours, keras, copy = (_get(index, *key, impl) for impl in ("tf_layernorm", "keras3", "copy"))
         if ours is None or keras is None or copy is None:
             continue
         o, k = ours["min_ms"] - floor, keras["min_ms"] - floor
-        bound = keras["min_ms"] / (floor + ROOFLINE_COPIES[mode] * copy["min_ms"])
-        lines.append(f"| {case} | {dtype} | {mode} | {floor:.3f} | {o:.3f} | {k:.3f} | "
-                     f"{keras['min_ms'] / ours['min_ms']:.2f}x | "
-                     + (f"{k / o:.2f}x" if o > 0 else "-") + f" | {bound:.2f}x |")
-    return lines
+        bound = keras["min_ms"] / (floor + ROOFLINE_COPIES[key[2]] * copy["min_ms"])
+        body.append([*key, f"{floor:.3f}", f"{o:.3f}", f"{k:.3f}", speedup(keras, ours),
+                     f"{k / o:.2f}x" if o > 0 else "-", f"{bound:.2f}x"])
+    header = ["case", "dtype", "mode", f"{CALL_FLOOR} ms", "tf_layernorm above floor",
+              "keras3 above floor", "vs keras3", "vs keras3 above floor",
+              "vs keras3 at copy speed"]
+    return ["### TensorFlow's per-call floor", ""] + md_table(header, body)
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _plot(rows, path, meta):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+def _plot(rows, settings, path, meta):
+    plt = pyplot()
+    if plt is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-        sel = [r for r in rows if r["mode"] == mode and r["dtype"] == "float32"
-               and r["axis"] == -1]
-        for impl in dict.fromkeys(r["impl"] for r in sel if r["impl"] != FLOOR):
-            pts = sorted((r["D"], r["gbps"]) for r in sel if r["impl"] == impl)
-            # Several shapes share a D: keep the best for the line.
-            best = {}
-            for dd, g in pts:
-                best[dd] = max(g, best.get(dd, 0))
-            ax.plot(list(best), list(best.values()), marker="o", label=impl)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("D (normalized size)")
-        ax.set_ylabel("GB/s (bytes moved / min time)")
-        ax.set_title(f"{mode}, float32, axis=-1")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"LayerNorm on CPU: {meta['cpu']}")
+    fig, axes = plt.subplots(len(settings), 2, figsize=(12, 4.5 * len(settings)),
+                             squeeze=False)
+    for setting, ax_row in zip(settings, axes):
+        for ax, mode in zip(ax_row, ("fwd", "fwd+bwd")):
+            sel = [r for r in rows if r["allocator"] == setting and r["mode"] == mode
+                   and r["dtype"] == "float32" and r["axis"] == -1]
+            for impl in dict.fromkeys(r["impl"] for r in sel if r["impl"] != CALL_FLOOR):
+                # Several shapes share a D: keep the best for the line.
+                best = {}
+                for r in sel:
+                    if r["impl"] == impl:
+                        best[r["D"]] = max(r["gbps"], best.get(r["D"], 0))
+                best = dict(sorted(best.items()))
+                ax.plot(list(best), list(best.values()), marker="o", label=impl,
+                        linestyle="--" if impl in ("copy", ADD_FLOOR) else "-")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("D (normalized size)")
+            ax.set_ylabel("GB/s (bytes moved / min time)")
+            ax.set_title(f"{mode}, float32, axis=-1; allocator {setting}")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+    fig.suptitle(f"LayerNorm on CPU: {meta['machine']['cpu']}, "
+                 f"{meta['machine']['cores']['usable']} cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 
-def write_repeats(runs, out_dir):
+def write_repeats(runs, meta, out_dir):
     """The spread of ours-vs-peer speed-ups over repeated runs of the same
-    cases (the machine is shared: one run is one sample). Writes
+    cases (the machine is shared: one run is one sample), for each allocator
+    setting in runs (setting -> list of runs, each a list of rows). Writes
     cpu_repeat.md and cpu_repeat.json."""
-    os.makedirs(out_dir, exist_ok=True)
-    peers = [p for p in ("keras3", "tf_keras", "torch", "onnxruntime")
-             if any(r["impl"] == p for rows in runs for r in rows)]
-    speedups = {}
-    for rows in runs:
-        index = {(r["case"], r["dtype"], r["mode"], r["impl"]): r["min_ms"] for r in rows}
-        for (case, dtype, mode, impl), t in index.items():
-            ours = index.get((case, dtype, mode, "tf_layernorm"))
-            if impl in peers and ours:
-                speedups.setdefault((case, dtype, mode, impl), []).append(t / ours)
-    lines = ["# CPU LayerNorm benchmark: spread over repeated runs", "",
-             f"{len(runs)} runs of the same cases, one after another; each cell: speed-up of "
-             "tf_layernorm over the peer (peer min ms / ours) as min / median / max over the "
-             "runs, then how many runs reached 3x.", "",
-             "| case | dtype | mode | peer | min | median | max | runs >= 3x | every run |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for (case, dtype, mode, impl), v in speedups.items():
-        lines.append(f"| {case} | {dtype} | {mode} | {impl} | {min(v):.2f}x | "
-                     f"{float(np.median(v)):.2f}x | {max(v):.2f}x | "
-                     f"{sum(x >= 3 for x in v)}/{len(v)} | "
-                     + " ".join(f"{x:.2f}" for x in v) + " |")
-    with open(os.path.join(out_dir, "cpu_repeat.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out_dir, "cpu_repeat.json"), "w") as f:
-        json.dump(dict(runs=runs), f, indent=1)
-    print("\n".join(lines))
+    body = []
+    for setting, setting_runs in runs.items():
+        speedups = {}
+        for rows in setting_runs:
+            index = _index(rows)
+            for key in _keys(rows):
+                ours = index[(*key, "tf_layernorm")]["min_ms"]
+                for p in PEERS:
+                    if (*key, p) in index:
+                        speedups.setdefault((*key, p), []).append(index[(*key, p)]["min_ms"] / ours)
+                add = _get(index, *key, ADD_FLOOR)
+                if add:  # a floor, not a peer: ours / it, lower is better
+                    speedups.setdefault((*key, ADD_FLOOR), []).append(ours / add["min_ms"])
+        for key, v in speedups.items():
+            floor = key[-1] == ADD_FLOOR
+            unit = "" if floor else "x"
+            body.append([setting, *key[:-1], "ours / TF x+1.0" if floor else key[-1],
+                         f"{min(v):.2f}{unit}", f"{float(np.median(v)):.2f}{unit}",
+                         f"{max(v):.2f}{unit}", "-" if floor else f"{sum(x >= 3 for x in v)}/{len(v)}",
+                         " ".join(f"{x:.2f}" for x in v)])
+    lines = ["# CPU LayerNorm benchmark: spread over repeated runs", ""] + \
+        machine.header_lines(meta) + [
+        "Runs of the same cases, one after another, per allocator setting; each cell: "
+        "speed-up of tf_layernorm over the peer (peer min ms / ours) as min / median / max "
+        "over the runs, then how many runs reached 3x; for 'ours / TF x+1.0', our time over "
+        "TensorFlow's own `x + 1.0` on the same shape (lower is better).", ""] + md_table(
+        ["allocator", "case", "dtype", "mode", "peer", "min", "median", "max", "runs >= 3x",
+         "every run"], body)
+    write_md(os.path.join(out_dir, "cpu_repeat.md"), lines)
+    write_json(os.path.join(out_dir, "cpu_repeat.json"), dict(meta=meta, runs=runs))
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer runs, float32 only")
@@ -445,7 +461,8 @@ def main():
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run the cases N times and write the spread of the speed-ups "
                         "(cpu_repeat.md/json) instead of the table")
-    args = p.parse_args()
+    machine.add_allocator_argument(p)
+    args = p.parse_args(argv)
     cases = CASES
     if args.cases:
         unknown = set(args.cases) - {c[0] for c in CASES}
@@ -455,15 +472,24 @@ def main():
     dtypes = args.dtypes or (["float32"] if args.quick else DTYPES)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
-    if args.repeat > 1:
+
+    def work():
         runs = []
         for i in range(args.repeat):
-            print(f"== run {i + 1}/{args.repeat}", flush=True)
+            if args.repeat > 1:
+                print(f"== run {i + 1}/{args.repeat}", flush=True)
             runs.append(run(cases, dtypes, args.quick))
-        write_repeats(runs, args.out)
+        return runs
+
+    ran = machine.run_all(__file__, argv, args, work)
+    if ran is None:  # this was a child
         return 0
-    rows = run(cases, dtypes, args.quick)
-    write_results(rows, args.out)
+    children, meta = ran
+    if args.repeat > 1:
+        write_repeats({s: c["result"] for s, c in children.items()}, meta, args.out)
+    else:
+        rows = [dict(r, allocator=s) for s, c in children.items() for r in c["result"][0]]
+        write_results(rows, meta, args.out)
     return 0
 
 

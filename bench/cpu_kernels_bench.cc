@@ -195,7 +195,7 @@ int main(int argc, char** argv) {
     std::snprintf(fi, sizeof fi, "%.3f (%.3f)", fwd_in.min_ns / n, fwd_in.median_ns / n);
     std::snprintf(bi, sizeof bi, "%.3f (%.3f)", bwd_in.min_ns / n, bwd_in.median_ns / n);
     std::snprintf(c, sizeof c, "%.3f", copy.min_ns / n);
-    std::printf("%-9s %-18s %-18s %-18s %-18s %-12s %-8.2f %-8.2f\n", name, f, b, fi, bi, c,
+    std::printf("%-9s %-18s %-18s %-18s %-18s %-12s %-8.2f %.2f\n", name, f, b, fi, bi, c,
                 fwd.min_ns / copy.min_ns, bwd.min_ns / (1.5 * copy.min_ns));
   }
   return 0;

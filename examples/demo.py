@@ -90,6 +90,26 @@ def norm_time_ms(layer, x, steps=50, warmup=5):
     return 1e3 * float(np.median(times))
 
 
+def cpu_allocator():
+    """TensorFlow's CPU allocator, chosen when it starts: the pooled BFC one
+    (with oneDNN, TF's default on Intel CPUs only) or plain malloc, where every
+    large tensor is fresh memory paid in page faults; and oneDNN's state."""
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # private: may move
+
+        onednn = "on" if _pywrap_util_port.IsMklEnabled() else "off"
+    except (ImportError, AttributeError):
+        onednn = "unknown"
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")  # only the BFC allocator keeps stats
+        allocator = "BFC (pooled)"
+    except ValueError:
+        allocator = "default (plain malloc; TF_CPU_ALLOCATOR_USE_BFC=true would pool it)"
+    return f"{allocator}, oneDNN {onednn}"
+
+
 def reload_and_predict(export_dir, inputs_path, out_path):
     """Runs in a fresh process: the ops come from `import tf_layernorm`."""
     import tensorflow as tf
@@ -118,6 +138,7 @@ def main():
 
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
           f"tf_layernorm {tfln.__version__} ({tfln.build_info()['library']})")
+    print(f"TensorFlow CPU allocator: {cpu_allocator()}")
     x_train, y_train = make_data(4096, seed=1)
     x_test, y_test = make_data(512, seed=2)
 
