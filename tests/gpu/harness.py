@@ -1,19 +1,24 @@
-"""TF-free harness for the CUDA kernels: compiles cc/kernels/layer_norm_gpu.cu
-with nvcc into a small shared library with a C ABI (tests/gpu/harness_capi.cc)
-and calls it on PyTorch CUDA tensors, on PyTorch's current stream.
+"""TF-free harness for the CUDA kernels: cc/kernels/layer_norm_gpu.cu behind a
+small C ABI (tests/gpu/harness_capi.cc), called with ctypes on PyTorch tensors.
 
-A GPU test machine has nvcc and PyTorch but no TensorFlow; this is how the
-kernels the TF op launches get verified there.
+Two builds of the same source, one set of cases (test_gpu_kernels.py):
+  gpu: nvcc, for the current GPU; PyTorch CUDA tensors on PyTorch's stream.
+       A GPU test machine has nvcc and PyTorch but no TensorFlow: this is how
+       the kernels the TF op launches get verified there.
+  emu: g++ through the SIMT emulator (tests/gpu/emu): every CUDA thread a
+       fiber, on the CPU, on PyTorch CPU tensors. Runs on any machine (CI).
 """
 import ctypes
 import hashlib
 import os
 import shutil
 import subprocess
+import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 SOURCES = [
     os.path.join(ROOT, "cc", "kernels", "layer_norm_gpu.cu"),
     os.path.join(ROOT, "tests", "gpu", "harness_capi.cc"),
@@ -24,6 +29,7 @@ BUILD_DIR = os.environ.get("TFLN_HARNESS_BUILD_DIR", os.path.join(ROOT, "build",
 # layer_norm_gpu.h: enum class DType
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 STATUS = {0: "ok", 1: "invalid argument", 2: "CUDA error"}
+SCHEDULES = {"in-order": 0, "reversed": 1, "random": 2}
 
 
 class KernelError(RuntimeError):
@@ -40,8 +46,13 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
-def skip_reason():
+def skip_reason(backend="gpu"):
     """Why the harness cannot run here, or None."""
+    if backend == "emu":
+        for tool in ("g++", "objcopy", "readelf", "c++filt"):
+            if shutil.which(tool) is None:
+                return "%s not found (the emulated build needs binutils and g++)" % tool
+        return None
     if not torch.cuda.is_available():
         return "no CUDA device visible to PyTorch"
     if find_nvcc() is None:
@@ -73,9 +84,27 @@ def build():
     return lib
 
 
+def build_emulated(sanitize=False):
+    """The same sources through the SIMT emulator (cached by source hash)."""
+    sys.path.insert(0, os.path.join(HERE, "emu"))
+    try:
+        import build as emu_build
+    finally:
+        sys.path.pop(0)
+    return emu_build.build_library(SOURCES[:1], SOURCES[1:], name="tfln_harness",
+                                   sanitize=sanitize, extra_headers=HEADERS)
+
+
 class Kernels:
-    def __init__(self, path=None):
-        self.lib = ctypes.CDLL(path or build())
+    """The launch API on tensors. `emulated`: the emulator build on CPU tensors."""
+
+    def __init__(self, path=None, emulated=False, sanitize=False):
+        self.emulated = emulated
+        self.device = "cpu" if emulated else "cuda"
+        if path is None:
+            path = build_emulated(sanitize) if emulated else build()
+        self.path = path
+        self.lib = ctypes.CDLL(path)
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         msg = ctypes.POINTER(ctypes.c_char_p)
         # (x_type, param_type, outer, D, inner, rms, ...) as in harness_capi.cc
@@ -87,11 +116,39 @@ class Kernels:
                                            p, p, ctypes.c_size_t, p, msg]
         for f in (self.lib.tfln_forward, self.lib.tfln_backward_workspace, self.lib.tfln_backward):
             f.restype = i32
+        if emulated:
+            self.lib.tfln_emu_configure.argtypes = [i32, ctypes.c_ulonglong, i32, i32]
+            self.lib.tfln_emu_take_fault.restype = ctypes.c_char_p
+            self.lib.tfln_emu_set_last_error.argtypes = [i32]
+            self.lib.tfln_emu_counters.argtypes = [ctypes.POINTER(ctypes.c_longlong)] * 3
+            self.configure()
 
-    @staticmethod
-    def _check(status, message):
+    # --- emulator controls (no-ops on a GPU) ---------------------------------
+    def configure(self, schedule="in-order", seed=1, sms=132, one_block=False):
+        """Emulated device: schedule, its seed, SM count, one resident block per SM."""
+        if self.emulated:
+            self.lib.tfln_emu_configure(SCHEDULES[schedule], seed, sms, int(one_block))
+
+    def counters(self):
+        vals = [ctypes.c_longlong() for _ in range(3)]
+        self.lib.tfln_emu_counters(*[ctypes.byref(v) for v in vals])
+        return dict(zip(("launches", "blocks", "attribute_queries"), (v.value for v in vals)))
+
+    def synchronize(self):
+        if not self.emulated:
+            torch.cuda.synchronize()
+
+    def _stream(self):
+        if self.emulated:
+            return None
+        return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+    def _check(self, status, message):
+        fault = self.lib.tfln_emu_take_fault().decode() if self.emulated else ""
         if status != 0:
             raise KernelError(status, message.value.decode() if message.value else "")
+        if fault:  # a fault is always reported through the status too; never lost
+            raise KernelError(2, "emulator fault without an error status: " + fault)
 
     @staticmethod
     def _ptr(t):
@@ -102,8 +159,16 @@ class Kernels:
         message = ctypes.c_char_p()
         status = self.lib.tfln_forward(
             x_type, param_type, *geometry, 0, *(self._as_ptr(v) for v in (x, gamma, beta)), eps,
-            *(self._as_ptr(v) for v in (y, mean, rstd)),
-            ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(message))
+            *(self._as_ptr(v) for v in (y, mean, rstd)), self._stream(), ctypes.byref(message))
+        return status, (message.value or b"").decode()
+
+    def raw_backward(self, x_type, param_type, geometry, rms, dy, x, gamma, mean, rstd, dx,
+                     dgamma, dbeta, workspace, workspace_bytes):
+        message = ctypes.c_char_p()
+        status = self.lib.tfln_backward(
+            x_type, param_type, *geometry, int(rms),
+            *(self._as_ptr(v) for v in (dy, x, gamma, mean, rstd, dx, dgamma, dbeta, workspace)),
+            workspace_bytes, self._stream(), ctypes.byref(message))
         return status, (message.value or b"").decode()
 
     def _as_ptr(self, v):
@@ -111,21 +176,23 @@ class Kernels:
             return None if v is None else ctypes.c_void_p(v)
         return self._ptr(v)
 
-    def forward(self, x, gamma, beta, eps, geometry, y=None, rms=False):
+    def forward(self, x, gamma, beta, eps, geometry, y=None, rms=False, mean=None, rstd=None):
         """geometry = (outer, D, inner) of x (contiguous); returns y, mean, rstd
         (mean is None for rms: RMSNorm writes no mean)."""
         outer, d, inner = geometry
         stats = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = torch.empty_like(x) if y is None else y
-        mean = None if rms else torch.empty(outer * inner, dtype=stats, device=x.device)
-        rstd = torch.empty(outer * inner, dtype=stats, device=x.device)
+        if mean is None and not rms:
+            mean = torch.empty(outer * inner, dtype=stats, device=x.device)
+        if rstd is None:
+            rstd = torch.empty(outer * inner, dtype=stats, device=x.device)
         param_type = DTYPES[gamma.dtype if gamma is not None else
                             (beta.dtype if beta is not None else x.dtype)]
         message = ctypes.c_char_p()
         status = self.lib.tfln_forward(
             DTYPES[x.dtype], param_type, outer, d, inner, int(rms), self._ptr(x), self._ptr(gamma),
             self._ptr(beta), eps, self._ptr(y), self._ptr(mean), self._ptr(rstd),
-            ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(message))
+            self._stream(), ctypes.byref(message))
         self._check(status, message)
         return y, mean, rstd
 
@@ -143,22 +210,25 @@ class Kernels:
         return n.value
 
     def backward(self, dy, x, gamma, mean, rstd, geometry, want_dbeta=True, param_dtype=None,
-                 dx=None, rms=False):
-        """Returns dx, dgamma (None without gamma), dbeta (None unless wanted)."""
+                 dx=None, rms=False, want_dgamma=None):
+        """Returns dx, dgamma (None unless wanted; wanted by default when gamma
+        is given), dbeta (None unless wanted). The workspace starts as NaN bytes:
+        a partial nobody wrote shows in dgamma/dbeta."""
         outer, d, inner = geometry
+        want_dgamma = gamma is not None if want_dgamma is None else want_dgamma
         param_dtype = gamma.dtype if gamma is not None else (param_dtype or x.dtype)
         dx = torch.empty_like(x) if dx is None else dx
-        dgamma = torch.empty(d, dtype=param_dtype, device=x.device) if gamma is not None else None
-        dbeta = torch.empty(d, dtype=param_dtype, device=x.device) if want_dbeta else None
-        nbytes = self.workspace_bytes(x.dtype, param_dtype, geometry, gamma is not None,
-                                      want_dbeta, rms)
-        ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
+        dgamma = torch.full((d,), float("nan"), dtype=param_dtype, device=x.device) \
+            if want_dgamma else None
+        dbeta = torch.full((d,), float("nan"), dtype=param_dtype, device=x.device) \
+            if want_dbeta else None
+        nbytes = self.workspace_bytes(x.dtype, param_dtype, geometry, want_dgamma, want_dbeta, rms)
+        ws = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8, device=x.device)
         message = ctypes.c_char_p()
         status = self.lib.tfln_backward(
             DTYPES[x.dtype], DTYPES[param_dtype], outer, d, inner, int(rms), self._ptr(dy),
             self._ptr(x),
             self._ptr(gamma), self._ptr(mean), self._ptr(rstd), self._ptr(dx), self._ptr(dgamma),
-            self._ptr(dbeta), self._ptr(ws), nbytes,
-            ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(message))
+            self._ptr(dbeta), self._ptr(ws), nbytes, self._stream(), ctypes.byref(message))
         self._check(status, message)
         return dx, dgamma, dbeta

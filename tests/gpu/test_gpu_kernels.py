@@ -83,155 +83,282 @@ def _grid():
 CASES = _grid()
 
 
+def _emu_grid():
+    """The grid the emulator runs in CI: every kernel path at sizes a CPU
+    emulates in seconds. Row paths for float32 (16-byte vectors, N = 4):
+    forward sub-warp D <= 124, a warp to D = 1024, a CTA per row to 16384,
+    streaming above; backward a CTA to 8192, streaming above. 16-bit types
+    have N = 8 and the same D limits; float64 (N = 2) half of them."""
+    base = dict(inner=1, param="same", scale=True, center=True, misaligned=False, nan=False)
+    cases = []
+    rows_d = [(0, 8), (1, 1), (37, 2), (37, 3), (37, 31), (37, 64), (37, 127), (19, 768),
+              (19, 1000), (9, 1024), (5, 4096), (3, 8192), (3, 8200), (2, 12288), (2, 16384),
+              (2, 16400), (2, 65536)]
+    for dt, (rows, d) in itertools.product(DTYPE_NAMES + ["float64"], rows_d):
+        cases.append(dict(base, outer=rows, d=d, dtype=dt))
+    for dt, d in itertools.product(["float16", "bfloat16"], [64, 1000, 4096, 20000]):
+        cases.append(dict(base, outer=9, d=d, dtype=dt, param="float32"))
+    for dt, (scale, center), d in itertools.product(
+            ["float32", "bfloat16"], [(True, False), (False, True), (False, False)],
+            [3, 1024, 20000]):
+        cases.append(dict(base, outer=5, d=d, dtype=dt, scale=scale, center=center))
+    for dt, d in itertools.product(DTYPE_NAMES, [8, 768, 8192, 20000]):
+        cases.append(dict(base, outer=5, d=d, dtype=dt, misaligned=True))
+        cases.append(dict(base, outer=5, d=d, dtype=dt, misaligned_params=True))
+    for dt, (outer, d, inner) in itertools.product(
+            DTYPE_NAMES + ["float64"],
+            [(1, 1, 2), (2, 3, 5), (3, 1000, 7), (2, 64, 300), (2, 4096, 9), (8, 4096, 4),
+             (0, 8, 4), (4, 0, 1), (0, 0, 1), (3, 0, 5), (1, 5, 1000)]):
+        cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt))
+    for dt, d, kind in itertools.product(DTYPE_NAMES, [31, 1024, 20000], ["nan", "inf"]):
+        cases.append(dict(base, outer=9, d=d, dtype=dt, nan=kind))
+    for dt, (outer, d, inner), scale in itertools.product(
+            DTYPE_NAMES, [(37, 768, 1), (9, 4096, 1), (3, 16384, 1), (2, 20000, 1), (37, 127, 1),
+                          (4, 64, 30)], [True, False]):
+        cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt, scale=scale,
+                          center=False, rms=True))
+    for dt, (outer, d, inner), rms in itertools.product(
+            ["float32", "bfloat16"], [(9, 64, 1), (9, 1024, 1), (2, 20000, 1), (4, 100, 9)],
+            [False, True]):
+        cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt, center=not rms,
+                          rms=rms, x_scale=1e30))
+    return cases
+
+
+def _special_grid():
+    """Inputs at the edges of float32, run on every backend."""
+    base = dict(inner=1, param="same", scale=True, center=True, misaligned=False, nan=False)
+    cases = []
+    for dt, (outer, d, inner), rms in itertools.product(
+            ["float32"], [(1, 2, 2), (2, 16384, 1), (3, 64, 1), (2, 20000, 1), (2, 1024, 3)],
+            [False, True]):
+        # +-2e38 alternating: squares and products overflow float unless taken in order.
+        cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt, center=not rms,
+                          rms=rms, pattern="pm2e38"))
+    for dt, (outer, d, inner) in itertools.product(
+            ["float32", "float16", "bfloat16"], [(3, 4, 1), (3, 1024, 1), (2, 20000, 1),
+                                                 (2, 8, 3)]):
+        cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt, eps=0.0,
+                          pattern="constant"))
+    for (outer, d, inner) in [(3, 16384, 1), (3, 4096, 1), (2, 20000, 1), (1, 4096, 4),
+                              (2, 1024, 1)]:
+        # 1e4 + N(0, 0.1): a mean that is not shifted loses the spread's bits.
+        cases.append(dict(base, outer=outer, d=d, inner=inner, dtype="float32",
+                          pattern="offset1e4"))
+    return cases
+
+
+EMU_CASES = _emu_grid() + _special_grid()
+CASES += _special_grid()
+
+
 def case_id(c):
     extra = "".join([
         "-rms" if c.get("rms") else "",
         "-x%g" % c["x_scale"] if c.get("x_scale") else "",
+        "-" + c["pattern"] if c.get("pattern") else "",
+        "-eps%g" % c["eps"] if "eps" in c else "",
         "-p32" if c["param"] == "float32" else "",
         "" if c["scale"] else "-noscale", "" if c["center"] else "-nocenter",
-        "-misaligned" if c["misaligned"] else "", "-nan" if c["nan"] else ""])
+        "-misaligned" if c["misaligned"] else "",
+        "-misaligned_params" if c.get("misaligned_params") else "",
+        ("-" + (c["nan"] if isinstance(c["nan"], str) else "nan")) if c["nan"] else ""])
     return "%s-%dx%dx%d%s" % (c["dtype"], c["outer"], c["d"], c["inner"], extra)
 
 
-_KERNELS = None
+_KERNELS = {}
 
 
-def kernels():
-    global _KERNELS
-    if _KERNELS is None:
+def kernels(backend="gpu"):
+    if backend not in _KERNELS:
         import harness
-        _KERNELS = harness.Kernels()
-    return _KERNELS
+        _KERNELS[backend] = harness.Kernels(emulated=backend == "emu")
+    return _KERNELS[backend]
 
 
-def skip_reason():
+def skip_reason(backend="gpu"):
     if torch is None:
         return "PyTorch is not installed"
     import harness
-    return harness.skip_reason()
+    return harness.skip_reason(backend)
 
 
-def _empty(n, dtype, misaligned, device):
-    """A length-n buffer; misaligned: starts one element past a 256-byte boundary."""
+def _empty(n, dtype, misaligned, device, fill=float("nan")):
+    """A length-n buffer of NaN (so an element nobody writes shows); misaligned:
+    starts one element past an aligned boundary."""
     if not misaligned:
-        return torch.empty(n, dtype=dtype, device=device)
-    return torch.empty(n + 1, dtype=dtype, device=device)[1:]
+        return torch.full((n,), fill, dtype=dtype, device=device)
+    return torch.full((n + 1,), fill, dtype=dtype, device=device)[1:]
 
 
 def _rel_err(got, ref, tol):
-    """max |got - ref| / (tol * (1 + |ref|)) over finite refs: <= 1 passes."""
-    got = got.double()
+    """max |got - ref| / (tol * (1 + |ref|)) over finite refs: <= 1 passes.
+    Where ref is not finite, got must be the same value (NaN, +inf or -inf)."""
+    got = got.double().cpu()
+    ref = ref.double().cpu()
     if got.numel() == 0:
         return 0.0
-    return ((got - ref).abs() / (tol * (1.0 + ref.abs()))).max().item()
+    fin = torch.isfinite(ref)
+    same = torch.where(torch.isnan(ref), torch.isnan(got), got == ref)
+    bad = (~fin & ~same).sum().item()
+    if bad:
+        return float("inf")
+    if not fin.any():
+        return 0.0
+    g, r = got[fin], ref[fin]
+    return ((g - r).abs() / (tol * (1.0 + r.abs()))).max().item()
 
 
-def run_case(c, check_determinism=True):
-    """Returns a dict of max scaled errors; raises AssertionError on failure."""
-    dev = "cuda"
+def _inputs(c, dev, n, dt):
+    g = torch.Generator(device="cpu").manual_seed(1234 + c["d"] + 7 * c["outer"] + c["inner"])
+    outer, d, inner = c["outer"], c["d"], c["inner"]
+    pattern = c.get("pattern")
+    if pattern == "pm2e38":
+        sign = torch.where(torch.arange(n) % 2 == 0, -1.0, 1.0).double()
+        x64 = sign * 2e38
+    elif pattern == "constant":
+        x64 = torch.arange(outer * inner, dtype=torch.float64).repeat_interleave(d) \
+            .view(outer, inner, d).transpose(1, 2).reshape(-1) * 0.5 - 1.0
+    elif pattern == "offset1e4":
+        x64 = 1e4 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    else:
+        x64 = (torch.randn(n, generator=g, dtype=torch.float64) * 2 + 0.5) * c.get("x_scale", 1.0)
+    dy64 = torch.randn(n, generator=g, dtype=torch.float64)
+    if pattern == "pm2e38":
+        dy64 = torch.full((n,), 2.0, dtype=torch.float64)
+    if c["nan"] and outer > 2:
+        v = float("nan") if c["nan"] in (True, "nan") else float("inf")
+        x64.view(outer, d * inner)[1, d // 2] = v
+        if c["nan"] == "inf":
+            x64.view(outer, d * inner)[2, 0] = -v
+    gamma64 = torch.randn(d, generator=g, dtype=torch.float64) + 1
+    beta64 = torch.randn(d, generator=g, dtype=torch.float64)
+    return x64, dy64, gamma64, beta64
+
+
+def _device_copy(src64, dtype, misaligned, dev):
+    t = _empty(src64.numel(), dtype, misaligned, dev)
+    t.copy_(src64.to(dtype))
+    return t
+
+
+def run_case(c, k=None, check_determinism=True, schedules=("reversed", "random")):
+    """Returns a dict of max scaled errors; raises AssertionError on failure.
+    k: harness.Kernels (default: the GPU build). Determinism: on a GPU two runs
+    give the same bits; on the emulator so do the other schedules."""
+    k = k or kernels("gpu")
+    dev = k.device
     dt = getattr(torch, c["dtype"])
     pdt = torch.float32 if c["param"] == "float32" else dt
     outer, d, inner = c["outer"], c["d"], c["inner"]
     n = outer * d * inner
-    g = torch.Generator(device=dev).manual_seed(1234 + d + 7 * outer + inner)
-    x = _empty(n, dt, c["misaligned"], dev)
-    x.copy_((torch.randn(n, generator=g, device=dev, dtype=torch.float64) * 2 + 0.5)
-            * c.get("x_scale", 1.0))
-    if c["nan"] and outer > 2:
-        x.view(outer, d * inner)[1, d // 2] = float("nan")
-    dy = _empty(n, dt, c["misaligned"], dev)
-    dy.copy_(torch.randn(n, generator=g, device=dev, dtype=torch.float64))
-    gamma = (torch.randn(d, generator=g, device=dev, dtype=torch.float64) + 1).to(pdt) \
-        if c["scale"] else None
     rms = c.get("rms", False)
-    beta = torch.randn(d, generator=g, device=dev, dtype=torch.float64).to(pdt) \
-        if c["center"] and not rms else None
-    eps = 1e-5
+    eps = c.get("eps", 1e-5)
+    x64, dy64, gamma64, beta64 = _inputs(c, dev, n, dt)
+    x = _device_copy(x64, dt, c["misaligned"], dev)
+    dy = _device_copy(dy64, dt, c["misaligned"], dev)
+    pmis = c.get("misaligned_params", False)
+    gamma = _device_copy(gamma64, pdt, pmis, dev) if c["scale"] else None
+    beta = _device_copy(beta64, pdt, pmis, dev) if c["center"] and not rms else None
 
-    k = kernels()
-    y = _empty(n, dt, c["misaligned"], dev)
-    y, mean, rstd = k.forward(x, gamma, beta, eps, (outer, d, inner), y=y, rms=rms)
-    dx = _empty(n, dt, c["misaligned"], dev)
-    dx, dgamma, dbeta = k.backward(dy, x, gamma, mean, rstd, (outer, d, inner),
-                                   want_dbeta=c["center"], param_dtype=pdt, dx=dx, rms=rms)
-    torch.cuda.synchronize()
+    def run():
+        y = _empty(n, dt, c["misaligned"], dev)
+        y, mean, rstd = k.forward(x, gamma, beta, eps, (outer, d, inner), y=y, rms=rms,
+                                  mean=None if rms else _empty(outer * inner, _stats(dt), False,
+                                                               dev),
+                                  rstd=_empty(outer * inner, _stats(dt), False, dev))
+        dx = _empty(n, dt, c["misaligned"], dev)
+        dx, dgamma, dbeta = k.backward(dy, x, gamma, mean, rstd, (outer, d, inner),
+                                       want_dbeta=c["center"] and not rms, param_dtype=pdt,
+                                       dx=dx, rms=rms)
+        k.synchronize()
+        return dict(y=y, mean=mean, rstd=rstd, dx=dx, dgamma=dgamma, dbeta=dbeta)
+
+    out = run()
+    y, mean, rstd, dx, dgamma, dbeta = (out[key] for key in
+                                        ("y", "mean", "rstd", "dx", "dgamma", "dbeta"))
 
     if d == 0:
         # Empty rows: NaN statistics (undefined, as PyTorch gives), empty
-        # outputs; nothing else to compare.
+        # outputs; sums over nothing are 0.
         assert torch.isnan(rstd).all() and (mean is None or torch.isnan(mean).all())
         assert y.numel() == 0 and dx.numel() == 0
         return {}
 
-    # float64 oracle on the same rounded inputs, D moved last.
+    # float64 oracle on the same rounded inputs, D moved last, on the CPU.
     def to_rows(t):
-        return t.double().view(outer, d, inner).transpose(1, 2).reshape(-1, d)
+        return t.double().cpu().view(outer, d, inner).transpose(1, 2).reshape(-1, d)
 
-    x64 = to_rows(x).requires_grad_(True)
-    g64 = gamma.double().requires_grad_(True) if gamma is not None else None
-    b64 = beta.double().requires_grad_(True) if beta is not None else None
+    x64r = to_rows(x).requires_grad_(True)
+    g64 = gamma.double().cpu().requires_grad_(True) if gamma is not None else None
+    b64 = beta.double().cpu().requires_grad_(True) if beta is not None else None
     if rms:
         # RMSNorm written out (F.rms_norm's own definition), all in float64.
-        y64 = x64 * torch.rsqrt(x64.square().mean(dim=1, keepdim=True) + eps)
+        y64 = x64r * torch.rsqrt(x64r.square().mean(dim=1, keepdim=True) + eps)
         if g64 is not None:
             y64 = y64 * g64
     else:
-        y64 = torch.nn.functional.layer_norm(x64, (d,), g64, b64, eps)
+        y64 = torch.nn.functional.layer_norm(x64r, (d,), g64, b64, eps)
     y64.backward(to_rows(dy))
-    mean64 = x64.detach().mean(dim=1)
-    if rms:
-        var64 = x64.detach().square().mean(dim=1)
-    else:
-        var64 = x64.detach().var(dim=1, unbiased=False)
+    xd = x64r.detach()
+    mean64 = xd.mean(dim=1)
+    var64 = xd.square().mean(dim=1) if rms else (xd - mean64[:, None]).square().mean(dim=1)
     rstd64 = 1.0 / torch.sqrt(var64 + eps)
 
     tol_x, tol_p = TOL[c["dtype"]], TOL[str(pdt).replace("torch.", "")]
     tol_s = TOL["float64"] if dt == torch.float64 else 1e-5
     errs = {}
-    nan_rows = torch.isnan(mean64)
-    ok_rows = ~nan_rows
-    # Rows holding a NaN: NaN statistics and all-NaN outputs, like PyTorch.
-    if nan_rows.any():
-        assert torch.isnan(mean[nan_rows]).all() and torch.isnan(rstd[nan_rows]).all()
-        # (NaN cases are LayerNorm cases: rms cases have no NaN rows.)
-        assert torch.isnan(to_rows(y)[nan_rows]).all(), "a NaN row must give an all-NaN y"
-        assert torch.isnan(to_rows(dx)[nan_rows]).all(), "a NaN row must give an all-NaN dx"
     if not rms:
-        errs["mean"] = _rel_err(mean[ok_rows], mean64[ok_rows], tol_s)
-    errs["rstd"] = _rel_err(rstd[ok_rows] / rstd64[ok_rows], torch.ones_like(rstd64[ok_rows]),
-                            tol_s)
-    errs["y"] = _rel_err(to_rows(y)[ok_rows], y64.detach()[ok_rows], tol_x)
-    errs["dx"] = _rel_err(to_rows(dx)[ok_rows], x64.grad[ok_rows], 4 * tol_x)
-    if not nan_rows.any():
-        # Sums over the rows: |ref| grows like sqrt(rows), and so does the
-        # tolerance through the (1 + |ref|) factor.
-        if gamma is not None:
-            assert dgamma is not None
-            errs["dgamma"] = _rel_err(dgamma, g64.grad, tol_p)
-        if b64 is not None:
-            errs["dbeta"] = _rel_err(dbeta, b64.grad, tol_p)
-    bad = {k: v for k, v in errs.items() if not v <= 1.0}
+        errs["mean"] = _rel_err(mean, mean64, tol_s)
+    # rstd relative to the reference (where finite and non-zero), exact elsewhere.
+    rc = rstd.double().cpu()
+    rel = torch.where(torch.isfinite(rstd64) & (rstd64 != 0), rc / rstd64, rc)
+    errs["rstd"] = _rel_err(rel, torch.where(torch.isfinite(rstd64) & (rstd64 != 0),
+                                             torch.ones_like(rstd64), rstd64), tol_s)
+    errs["y"] = _rel_err(to_rows(y), y64.detach(), tol_x)
+    errs["dx"] = _rel_err(to_rows(dx), x64r.grad, 4 * tol_x)
+    # Sums over the rows: |ref| grows like sqrt(rows), and so does the
+    # tolerance through the (1 + |ref|) factor.
+    if gamma is not None:
+        assert dgamma is not None
+        errs["dgamma"] = _rel_err(dgamma, g64.grad, tol_p)
+    if b64 is not None:
+        errs["dbeta"] = _rel_err(dbeta, b64.grad, tol_p)
+    bad = {key: v for key, v in errs.items() if not v <= 1.0}
     assert not bad, "%s: scaled errors above 1: %s" % (case_id(c), bad)
 
     if check_determinism:
-        y2, mean2, rstd2 = k.forward(x, gamma, beta, eps, (outer, d, inner), rms=rms)
-        dx2, dgamma2, dbeta2 = k.backward(dy, x, gamma, mean, rstd, (outer, d, inner),
-                                          want_dbeta=c["center"], param_dtype=pdt, rms=rms)
-        for name, a, b in [("y", y, y2), ("mean", mean, mean2), ("rstd", rstd, rstd2),
-                           ("dx", dx, dx2), ("dgamma", dgamma, dgamma2), ("dbeta", dbeta, dbeta2)]:
-            if a is not None:
-                assert torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a,
-                                   b.view(-1).view(torch.uint8) if b.numel() else b), \
-                    "%s: %s differs between two identical runs" % (case_id(c), name)
+        reruns = [None] if not k.emulated else list(schedules)
+        for schedule in reruns:
+            if schedule is not None:
+                k.configure(schedule=schedule, seed=len(case_id(c)))
+            try:
+                again = run()
+            finally:
+                if schedule is not None:
+                    k.configure()
+            for name, a in out.items():
+                b = again[name]
+                if a is not None and a.numel():
+                    assert torch.equal(a.contiguous().view(torch.uint8),
+                                       b.contiguous().view(torch.uint8)), \
+                        "%s: %s differs between two runs%s" % (
+                            case_id(c), name, "" if schedule is None else
+                            " (in-order vs %s schedule)" % schedule)
     return errs
 
 
-def check_invalid_arguments():
+def _stats(dt):
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def check_invalid_arguments(k=None):
     """The launch API refuses bad calls with a status, never a crash."""
-    k = kernels()
-    x = torch.randn(4, 8, device="cuda")
+    k = k or kernels("gpu")
+    dev = k.device
+    x = torch.randn(4, 8, device=dev)
     y = torch.empty_like(x)
-    st = torch.empty(4, device="cuda")
+    st = torch.empty(4, device=dev)
     f32, f16 = 0, 1
     cases = {
         "float32 x with float16 params": (f32, f16, (4, 8, 1), x, None, None, 1e-5, y, st, st),
@@ -250,18 +377,16 @@ def check_invalid_arguments():
         assert message, name
     # Backward: dgamma without gamma, and a missing workspace.
     try:
-        status = k.lib.tfln_backward(0, 0, 4, 8, 1, 0, x.data_ptr(), x.data_ptr(), None,
-                                     st.data_ptr(), st.data_ptr(), y.data_ptr(), y.data_ptr(),
-                                     None, None, 0, None, None)
+        dgamma = torch.empty(8, device=dev)
+        status, _ = k.raw_backward(f32, f32, (4, 8, 1), False, x, x, None, st, st, y, dgamma,
+                                   None, None, 0)
         assert status == 1, "dgamma without gamma must be refused"
-        gamma = torch.ones(8, device="cuda")
-        dgamma = torch.empty(8, device="cuda")
-        status = k.lib.tfln_backward(0, 0, 4, 8, 1, 0, x.data_ptr(), x.data_ptr(), gamma.data_ptr(),
-                                     st.data_ptr(), st.data_ptr(), y.data_ptr(),
-                                     dgamma.data_ptr(), None, None, 0, None, None)
+        gamma = torch.ones(8, device=dev)
+        status, _ = k.raw_backward(f32, f32, (4, 8, 1), False, x, x, gamma, st, st, y, dgamma,
+                                   None, None, 0)
         assert status == 1, "a missing workspace must be refused"
     finally:
-        torch.cuda.synchronize()
+        k.synchronize()
 
 
 # ---------------------------------------------------------------------------
@@ -277,42 +402,68 @@ except ImportError:
 # imported _pytest.config before collecting us) the tests are defined; imported
 # as a library (bench, scripts) the module must not raise pytest's Skipped.
 if pytest is not None and (os.environ.get("PYTEST_VERSION") or _UNDER_PYTEST):
-    # One skip with its reason for the whole module on machines without a GPU.
-    _reason = skip_reason()
-    if _reason:
-        pytest.skip("GPU harness: " + _reason, allow_module_level=True)
 
+    def _backend(name):
+        reason = skip_reason(name)
+        if reason:
+            pytest.skip("%s harness: %s" % (name, reason))
+        return kernels(name)
+
+    # The GPU grid: skipped with its reason on machines without a GPU.
     @pytest.mark.parametrize("case", CASES, ids=case_id)
-    def test_layer_norm_case(case):
-        run_case(case)
+    def test_gpu_case(case):
+        run_case(case, _backend("gpu"))
 
-    def test_invalid_arguments():
-        check_invalid_arguments()
+    def test_gpu_invalid_arguments():
+        check_invalid_arguments(_backend("gpu"))
+
+    # The emulated grid: the same kernels and oracle on any machine. Each case
+    # runs on a 132-SM device (then again under the reversed and random
+    # schedules, which must give the same bits) and on a 1-SM device with
+    # one resident block (persistent loops take every row).
+    @pytest.mark.parametrize("case", EMU_CASES, ids=case_id)
+    def test_emu_case(case):
+        run_case(case, _backend("emu"))
+
+    @pytest.mark.parametrize("case", EMU_CASES, ids=case_id)
+    def test_emu_case_one_block_device(case):
+        k = _backend("emu")
+        k.configure(sms=1, one_block=True)
+        try:
+            run_case(case, k, check_determinism=False)
+        finally:
+            k.configure()
+
+    def test_emu_invalid_arguments():
+        check_invalid_arguments(_backend("emu"))
 
 
 def main(argv):
     out = None
     if "--json" in argv:
         out = argv[argv.index("--json") + 1]
-    reason = skip_reason()
+    backend = argv[argv.index("--backend") + 1] if "--backend" in argv else "gpu"
+    reason = skip_reason(backend)
     if reason:
         print("skipped: " + reason)
         return 0
-    name = torch.cuda.get_device_name()
-    print("device: %s; %d cases" % (name, len(CASES)), flush=True)
+    k = kernels(backend)
+    cases = CASES if backend == "gpu" else EMU_CASES
+    name = torch.cuda.get_device_name() if backend == "gpu" else "SIMT emulator (CPU)"
+    print("device: %s; %d cases" % (name, len(cases)), flush=True)
     results, failures = [], 0
     t0 = time.time()
     try:
-        check_invalid_arguments()
+        check_invalid_arguments(k)
         print("invalid arguments: ok", flush=True)
         results.append(dict(case="invalid-arguments", ok=True))
     except Exception as e:  # noqa: BLE001 - reported, counted, and the run goes on
         failures += 1
         print("invalid arguments: FAIL %s" % e, flush=True)
         results.append(dict(case="invalid-arguments", ok=False, error=str(e)))
-    for c in CASES:
+    for c in cases:
         try:
-            errs = run_case(c)
+            errs = run_case(c, k)
             results.append(dict(case=case_id(c), ok=True, scaled_errors=errs))
         except Exception as e:  # noqa: BLE001
             failures += 1
