@@ -9,11 +9,21 @@
 // float32 for float16/bfloat16 x; statistics float32 (float64 for float64).
 //
 // RMSNorm shares every kernel: with `rms` set, the mean is taken as 0 (y =
-// x * rstd * gamma, rstd = 1 / sqrt(mean(x^2) + epsilon)), there is no beta,
-// mean may be null, and the backward drops the mean terms.
+// x * rstd * gamma + beta, rstd = 1 / sqrt(mean(x^2) + epsilon); the ops pass
+// no beta), mean may be null, and the backward drops the mean terms.
+//
+// The argument contract is the CPU kernels' (layer_norm_cpu.h): the same
+// calls are accepted and refused by both.
+//
+// Aliasing: outputs must not overlap inputs or each other, except that y may
+// be x's own buffer where LayerNormForwardInPlaceSafe() holds for the call,
+// and dx dy's where LayerNormBackwardInPlaceSafe() does.
 //
 // Every call validates its arguments and returns a status; it never aborts.
-// Work is enqueued on `stream`; nothing synchronizes the host.
+// An error an earlier, unrelated CUDA runtime call left pending is cleared
+// first (a sticky device error is not: it fails the call). Device properties
+// and occupancies are queried once per device and cached. Work is enqueued
+// on `stream`; nothing synchronizes the host.
 #ifndef TF_LAYERNORM_CC_KERNELS_LAYER_NORM_GPU_H_
 #define TF_LAYERNORM_CC_KERNELS_LAYER_NORM_GPU_H_
 
@@ -56,7 +66,7 @@ struct ForwardArgs {
   const void* gamma = nullptr;  // nullptr: no scale
   const void* beta = nullptr;   // nullptr: no offset
   double epsilon = 1e-5;
-  bool rms = false;  // RMSNorm: no mean subtraction; beta must be null
+  bool rms = false;  // RMSNorm: no mean subtraction
   void* y = nullptr;
   void* mean = nullptr;  // [outer, inner], float32 (float64 for float64 x); may be null if rms
   void* rstd = nullptr;
@@ -69,11 +79,11 @@ struct BackwardArgs {
   const void* dy = nullptr;
   const void* x = nullptr;
   const void* gamma = nullptr;  // nullptr: the forward had no scale
-  bool rms = false;             // RMSNorm: mean is unused (may be null), dbeta must be null
+  bool rms = false;             // RMSNorm: mean is unused (may be null)
   const void* mean = nullptr;
   const void* rstd = nullptr;
   void* dx = nullptr;
-  void* dgamma = nullptr;  // must be set exactly when gamma is
+  void* dgamma = nullptr;  // must be set exactly when gamma is (unless D == 0)
   void* dbeta = nullptr;   // nullptr: not wanted
   void* workspace = nullptr;  // LayerNormBackwardWorkspaceBytes() bytes, 16-byte aligned
   size_t workspace_bytes = 0;
@@ -92,15 +102,16 @@ Result LayerNormBackward(const BackwardArgs& args, Stream stream);
 
 // Whether the output may share the input's buffer (y with x, dx with dy), so
 // the binding can hand TensorFlow's forwarded input buffer to the kernel.
-// True only for kernel paths where each input element is read only by the
-// thread that later writes the output element at the same index, and read
-// before that write, with no later kernel reading the input: the forward's
-// column path (inner > 1: a thread owns a column), the backward's register
-// path (inner == 1, rows that fit registers: read once into registers). Not
-// the forward's row paths (rows whose statistics need the double-precision
-// recomputation are re-read by every thread of the row while others write),
-// not the backward's streaming or column paths (the dgamma/dbeta kernels
-// read dy after dx is written). Invalid arguments give false.
+// True only for kernel paths where every input element is read before any
+// thread writes the output element at its index, with no later kernel
+// reading the input. The forward's row paths: a row's threads read it (and
+// its first element, the mean's shift) before the reductions that precede
+// every write; the streaming path re-reads only elements the reading thread
+// itself writes, later. The forward's column path: see the kernel. The
+// backward's register path (rows read once into registers). Not the
+// backward's streaming or column paths: the dgamma/dbeta kernels read dy
+// after dx is written. Invalid arguments give false. The emulated harness
+// (tests/gpu) runs every case in place where these say so.
 bool LayerNormForwardInPlaceSafe(const ForwardArgs& args);
 bool LayerNormBackwardInPlaceSafe(const BackwardArgs& args);
 

@@ -116,6 +116,9 @@ class Kernels:
                                            p, p, ctypes.c_size_t, p, msg]
         for f in (self.lib.tfln_forward, self.lib.tfln_backward_workspace, self.lib.tfln_backward):
             f.restype = i32
+        for f in (self.lib.tfln_forward_in_place_safe, self.lib.tfln_backward_in_place_safe):
+            f.argtypes = [i32, i32, i64, i64, i64, i32]
+            f.restype = i32
         if emulated:
             self.lib.tfln_emu_configure.argtypes = [i32, ctypes.c_ulonglong, i32, i32]
             self.lib.tfln_emu_take_fault.restype = ctypes.c_char_p
@@ -195,6 +198,12 @@ class Kernels:
             self._stream(), ctypes.byref(message))
         self._check(status, message)
         return y, mean, rstd
+
+    def in_place_safe(self, x_dtype, param_dtype, geometry, rms=False):
+        """(forward y == x allowed, backward dx == dy allowed) for these arguments."""
+        args = (DTYPES[x_dtype], DTYPES[param_dtype], *geometry, int(rms))
+        return (bool(self.lib.tfln_forward_in_place_safe(*args)),
+                bool(self.lib.tfln_backward_in_place_safe(*args)))
 
     def workspace_bytes(self, x_dtype, param_dtype, geometry, want_dgamma, want_dbeta, rms=False):
         n = ctypes.c_size_t()

@@ -88,4 +88,23 @@ int tfln_backward(int x_type, int param_type, int64_t outer, int64_t norm, int64
   return Report(gpu::LayerNormBackward(a, static_cast<gpu::Stream>(stream)), message);
 }
 
+// Whether the launch API allows y == x / dx == dy for these arguments.
+int tfln_forward_in_place_safe(int x_type, int param_type, int64_t outer, int64_t norm,
+                               int64_t inner, int rms) {
+  gpu::ForwardArgs a;
+  a.x_type = static_cast<gpu::DType>(x_type);
+  a.param_type = static_cast<gpu::DType>(param_type);
+  a.geometry = MakeGeometry(outer, norm, inner);
+  a.rms = rms != 0;
+  return gpu::LayerNormForwardInPlaceSafe(a) ? 1 : 0;
+}
+
+int tfln_backward_in_place_safe(int x_type, int param_type, int64_t outer, int64_t norm,
+                                int64_t inner, int rms) {
+  const gpu::BackwardArgs a = MakeBackwardArgs(x_type, param_type, outer, norm, inner, rms,
+                                               nullptr, nullptr, nullptr, nullptr, nullptr,
+                                               nullptr, nullptr, nullptr, nullptr, 0);
+  return gpu::LayerNormBackwardInPlaceSafe(a) ? 1 : 0;
+}
+
 }  // extern "C"

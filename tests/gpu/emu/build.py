@@ -2,9 +2,10 @@
 
 The .cu is compiled as it is: the only change is a mechanical rewrite of each
 launch `k<<<cfg>>>(args)` into `k % ::tfln_emu::Config(cfg) % ::tfln_emu::Args(args)`,
-because g++ cannot lex `<<<`. Its object's .bss, which then holds only the
-kernels' __shared__ statics (checked), is renamed to `tfln_shared` so that the
-emulator can poison it before every block.
+because g++ cannot lex `<<<`. Every .bss section of its object that holds only the
+kernels' __shared__ statics is renamed to `tfln_shared` (each variable has its
+own section: -fdata-sections) so that the emulator can poison them before
+every block.
 """
 import hashlib
 import os
@@ -23,7 +24,7 @@ BUILD_DIR = os.environ.get("TFLN_EMU_BUILD_DIR", os.path.join(ROOT, "build", "em
 CXX = os.environ.get("CXX", "g++")
 EXTRA = os.environ.get("TFLN_EMU_CXXFLAGS", "").split()
 # No FMA contraction, no fast math: the host's IEEE float, as written.
-FLAGS = ["-std=c++17", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE",
+FLAGS = ["-std=c++17", "-fPIC", "-fdata-sections", "-ffp-contract=off", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE",
          "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", "-Wno-unused-variable",
          "-I", SHIM, "-I", ROOT] + EXTRA
 OPT = ["-O2", "-g1"]
@@ -54,30 +55,31 @@ def _run(cmd):
     return proc.stdout
 
 
-def _shared_sections_only(obj, names):
-    """The object's .bss must hold only __shared__ statics of device functions."""
+def _shared_sections(obj, names):
+    """Sections of the object (built with -fdata-sections: one per variable)
+    holding the __shared__ statics of device functions, which the emulator
+    poisons before every block. Zero-initialized host statics stay in theirs."""
     sections = {}
     for line in _run(["readelf", "-SW", obj]).splitlines():
         m = re.match(r"\s*\[\s*(\d+)\]\s+(\S+)", line)
         if m and m.group(2).startswith(".bss"):
             sections[m.group(1)] = m.group(2)
-    bad = []
-    symbols = _run(["readelf", "-sW", obj]).splitlines()
-    mangled = []
-    for line in symbols:
+    mangled, where = [], []
+    for line in _run(["readelf", "-sW", obj]).splitlines():
         parts = line.split()
         if len(parts) >= 8 and parts[6] in sections and parts[3] == "OBJECT":
             mangled.append(parts[7])
+            where.append(sections[parts[6]])
     demangled = _run(["c++filt"] + mangled).splitlines() if mangled else []
-    for raw, name in zip(mangled, demangled):
+    shared, other = set(), set()
+    for raw, name, section in zip(mangled, demangled, where):
         fn = name.replace("(anonymous namespace)", "").split("(")[0].split("<")[0].split("::")[-1]
-        if not raw.startswith("_ZZ") or fn not in names:
-            bad.append(name)
-    if bad:
-        raise RuntimeError(
-            "the .bss of %s holds more than the kernels' __shared__ statics (it is poisoned before "
-            "every block): %s. Give host-side statics a non-zero initializer." % (obj, bad[:5]))
-    return sorted(set(sections.values()))
+        (shared if raw.startswith("_ZZ") and fn in names else other).add(section)
+    mixed = shared & other
+    if mixed:
+        raise RuntimeError("sections %s of %s mix __shared__ statics and other data" % (
+            sorted(mixed), obj))
+    return sorted(shared)
 
 
 def build_library(cu_sources, cc_sources=(), name="emu", sanitize=False, extra_headers=()):
@@ -107,8 +109,11 @@ def build_library(cu_sources, cc_sources=(), name="emu", sanitize=False, extra_h
             f.write('#line 1 "%s"\n' % os.path.relpath(cu, ROOT) + rewritten)
         obj = os.path.join(out_dir, base + ".o")
         _run([CXX] + flags + ["-c", src, "-o", obj])
-        for section in _shared_sections_only(obj, device_function_names(text)):
-            _run(["objcopy", "--rename-section", "%s=tfln_shared" % section, obj])
+        renames = []
+        for section in _shared_sections(obj, device_function_names(text)):
+            renames += ["--rename-section", "%s=tfln_shared" % section]
+        if renames:
+            _run(["objcopy"] + renames + [obj])
         objects.append(obj)
     for cc in list(cc_sources) + RUNTIME:
         obj = os.path.join(out_dir, os.path.splitext(os.path.basename(cc))[0] + ".cc.o")

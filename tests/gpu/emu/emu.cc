@@ -299,7 +299,7 @@ uint64_t Shuffle(int kind, unsigned mask, uint64_t bits, int size, int arg, int 
     std::fprintf(stderr, "tfln_emu: warp intrinsic outside a kernel\n");
     std::abort();
   }
-  const char* what = kind == kSyncWarp ? "__syncwarp" : "shuffle";
+  const char* what = kind == kSyncWarp ? "__syncwarp" : (kind == kBallot ? "vote" : "shuffle");
   const int warp = f->index / kWarp, lane = f->index % kWarp;
   const int lanes = LanesInWarp(warp);
   if (!(mask >> lane & 1u)) {
@@ -350,10 +350,16 @@ uint64_t Shuffle(int kind, unsigned mask, uint64_t bits, int size, int arg, int 
   Block(f, State::kWarpSync, file, line);
   if (g->arrived == mask) {
     // Everyone is here: deliver, as the hardware does for a converged group.
+    unsigned ballot = 0;
+    for (int l = 0; l < kWarp; ++l) {
+      if ((mask >> l & 1u) && r.fibers[warp * kWarp + l].value != 0) ballot |= 1u << l;
+    }
     for (int l = 0; l < kWarp; ++l) {
       if (!(mask >> l & 1u)) continue;
       Fiber& dst = r.fibers[warp * kWarp + l];
-      if (kind != kSyncWarp) {
+      if (kind == kBallot) {
+        dst.result = ballot;
+      } else if (kind != kSyncWarp) {
         const int seg_lo = l & ~(width - 1), seg_hi = seg_lo + width - 1;
         int src = l;
         switch (kind) {

@@ -39,7 +39,9 @@ extern ThreadRegs* g_regs;  // the running fiber's
 extern dim3 g_block_dim;
 extern dim3 g_grid_dim;
 
-enum ShuffleKind : int { kShflIdx = 0, kShflUp = 1, kShflDown = 2, kShflXor = 3, kSyncWarp = 4 };
+enum ShuffleKind : int {
+  kShflIdx = 0, kShflUp = 1, kShflDown = 2, kShflXor = 3, kSyncWarp = 4, kBallot = 5
+};
 
 void SyncThreads(const char* file, int line);
 uint64_t Shuffle(int kind, unsigned mask, uint64_t bits, int size, int arg, int width,
@@ -55,6 +57,11 @@ inline T Shfl(int kind, unsigned mask, T v, const char* file, int line, int arg,
   bits = Shuffle(kind, mask, bits, static_cast<int>(sizeof(T)), arg, width, file, line);
   std::memcpy(&v, &bits, sizeof(T));
   return v;
+}
+
+// __ballot_sync: bit l set for each lane l of `mask` whose predicate is non-zero.
+inline unsigned Ballot(const char* file, int line, unsigned mask, int predicate) {
+  return static_cast<unsigned>(Shuffle(kBallot, mask, predicate != 0, 4, 0, 32, file, line));
 }
 
 inline void SyncWarp(const char* file, int line, unsigned mask = 0xffffffffu) {

@@ -39,6 +39,11 @@
 #define __shfl_xor_sync(mask, v, ...) \
   ::tfln_emu::Shfl(::tfln_emu::kShflXor, mask, v, __FILE__, __LINE__, __VA_ARGS__)
 
+#define __ballot_sync(mask, pred) ::tfln_emu::Ballot(__FILE__, __LINE__, mask, pred)
+#define __any_sync(mask, pred) (::tfln_emu::Ballot(__FILE__, __LINE__, mask, pred) != 0u)
+#define __all_sync(mask, pred) \
+  ([&](unsigned m_) { return ::tfln_emu::Ballot(__FILE__, __LINE__, m_, pred) == m_; }(mask))
+
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
