@@ -25,6 +25,13 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
 import harness  # noqa: E402
 
 SHAPES = [(32768, 768), (16384, 1024), (8192, 4096), (4096, 8192), (2048, 16384), (256, 65536)]
+# Normalizing a middle axis, x = [outer, D, inner] (channels of NCHW images,
+# [8, 4096, 4] the small case the column path once ran on 32 threads). PyTorch
+# has no such kernel: its users transpose D last, normalize, transpose back.
+COLUMN_SHAPES = [(8, 4096, 4), (32, 64, 3136), (16, 1024, 196)]
+# Rows holding an Inf (one per row): their statistics are NaN/Inf; the kernels
+# must not take the double-precision recomputation for them.
+INF_ROWS_SHAPE = (2048, 16384)
 DTYPES = [torch.bfloat16, torch.float32]
 EPS = 1e-5
 
@@ -94,6 +101,31 @@ def bench_shape(k, m, d, dtype, iters, reps):
     return res
 
 
+def bench_columns(k, outer, d, inner, dtype, iters, reps):
+    x = torch.randn(outer, d, inner, dtype=dtype, device="cuda")
+    dy = torch.randn_like(x)
+    w = torch.randn(d, dtype=dtype, device="cuda")
+    b = torch.randn(d, dtype=dtype, device="cuda")
+    geom = (outer, d, inner)
+    y, mean, rstd = k.forward(x, w, b, EPS, geom)
+
+    def torch_fwd():
+        return torch.nn.functional.layer_norm(x.transpose(1, 2), (d,), w, b, EPS) \
+            .transpose(1, 2).contiguous()
+
+    xt = x.detach().requires_grad_(True)
+    res = {"ours_fwd": time_graph(lambda: k.forward(x, w, b, EPS, geom, y=y), iters, reps),
+           "torch_fwd": time_graph(torch_fwd, iters, reps),
+           "ours_bwd": time_graph(lambda: k.backward(dy, x, w, mean, rstd, geom), iters, reps)}
+
+    def torch_bwd():
+        out = torch.nn.functional.layer_norm(xt.transpose(1, 2), (d,), w, b, EPS).transpose(1, 2)
+        torch.autograd.grad(out, (xt,), dy)
+
+    res["torch_bwd"] = time_graph(torch_bwd, iters, reps) - res["torch_fwd"]
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
@@ -105,7 +137,7 @@ def main():
     if reason:
         print("bench_gpu: cannot run: " + reason)
         return 1
-    k = harness.Kernels()
+    k = harness.Kernels(poison=False)
     name = torch.cuda.get_device_name()
     copy = copy_bandwidth()
     print("device: %s; measured copy bandwidth %.0f GB/s" % (name, copy), flush=True)
@@ -127,6 +159,39 @@ def main():
                 print("%-10s %-9s %-5s ours %.4f ms (%.0f GB/s, %.0f%% copy)  torch %.4f ms  %.2fx"
                       % (rows[-1]["shape"], rows[-1]["dtype"], mode, ours, gbps, rows[-1]["pct_copy"],
                          ref, ref / ours), flush=True)
+    col_shapes = COLUMN_SHAPES[:1] if args.quick else COLUMN_SHAPES
+    for (outer, d, inner) in col_shapes:
+        for dtype in DTYPES:
+            r = bench_columns(k, outer, d, inner, dtype, args.iters, reps)
+            s = torch.tensor([], dtype=dtype).element_size()
+            n = outer * d * inner
+            for mode, nbytes in (("fwd", 2 * n * s), ("bwd", 3 * n * s)):
+                ours, ref = r["ours_" + mode], r["torch_" + mode]
+                gbps = nbytes / 1e9 / (ours * 1e-3)
+                rows.append(dict(shape="%dx%dx%d" % (outer, d, inner),
+                                 dtype=str(dtype).replace("torch.", ""), mode=mode, ours_ms=ours,
+                                 torch_ms=ref, ours_gbps=gbps,
+                                 torch_gbps=nbytes / 1e9 / (ref * 1e-3),
+                                 pct_copy=100 * gbps / copy, speedup=ref / ours))
+                print("%-12s %-9s %-5s ours %.4f ms (%.0f GB/s)  torch (transposed) %.4f ms  %.2fx"
+                      % (rows[-1]["shape"], rows[-1]["dtype"], mode, ours, gbps, ref, ref / ours),
+                      flush=True)
+    # Rows with an Inf: forward time against the same shape without.
+    m, d = INF_ROWS_SHAPE
+    x = torch.randn(m, d, device="cuda")
+    x_inf = x.clone()
+    x_inf[:, d // 3] = float("inf")
+    w = torch.ones(d, device="cuda")
+    y = torch.empty_like(x)
+    finite = time_graph(lambda: k.forward(x, w, None, EPS, (m, d, 1), y=y), args.iters, reps)
+    with_inf = time_graph(lambda: k.forward(x_inf, w, None, EPS, (m, d, 1), y=y), args.iters, reps)
+    rows.append(dict(shape="%dx%d-inf" % (m, d), dtype="float32", mode="fwd", ours_ms=with_inf,
+                     torch_ms=finite, ours_gbps=2 * m * d * 4 / 1e9 / (with_inf * 1e-3),
+                     torch_gbps=2 * m * d * 4 / 1e9 / (finite * 1e-3),
+                     pct_copy=100 * 2 * m * d * 4 / 1e9 / (with_inf * 1e-3) / copy,
+                     speedup=finite / with_inf))
+    print("%dx%d one Inf per row: %.4f ms vs %.4f ms finite (%.2fx)" % (
+        m, d, with_inf, finite, with_inf / finite), flush=True)
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     os.makedirs(args.out, exist_ok=True)
     meta = dict(device=name, copy_gbps=copy, torch=torch.__version__,
@@ -136,7 +201,10 @@ def main():
     lines = ["# GPU LayerNorm benchmark: %s" % name, "",
              "%s; measured copy bandwidth %.0f GB/s; torch %s (CUDA %s). Median ms per call in a "
              "CUDA graph; GB/s counts 2·M·D·s forward, 3·M·D·s backward, 5·M·D·s both; "
-             "speed-up = PyTorch time / ours." % (meta["date"], copy, meta["torch"], meta["cuda"]),
+             "speed-up = PyTorch time / ours. DxDxD shapes normalize the middle axis (PyTorch: "
+             "transpose, layer_norm, transpose back); the '-inf' row compares our forward on "
+             "rows holding an Inf with the same rows finite (PyTorch columns)."
+             % (meta["date"], copy, meta["torch"], meta["cuda"]),
              "", "| shape | dtype | pass | ours ms | GB/s | % copy | PyTorch ms | PyTorch GB/s | speed-up |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -153,6 +153,11 @@ def _special_grid():
 
 
 EMU_CASES = _emu_grid() + _special_grid()
+# compute-sanitizer (memcheck, racecheck, synccheck) runs are slow: a subset of
+# small cases that still takes every path, dtype and edge once.
+SANITIZER_CASES = [c for c in EMU_CASES
+                   if c["outer"] * c["d"] * c["inner"] <= 45000 and
+                   (c["dtype"] == "float32" or (c["dtype"] == "bfloat16" and c["d"] in (3, 8200)))]
 CASES += _special_grid()
 
 
@@ -200,8 +205,8 @@ def _empty(n, dtype, misaligned, device, fill=float("nan")):
 def _rel_err(got, ref, tol):
     """max |got - ref| / (tol * (1 + |ref|)) over finite refs: <= 1 passes.
     Where ref is not finite, got must be the same value (NaN, +inf or -inf)."""
-    got = got.double().cpu()
-    ref = ref.double().cpu()
+    got = got.double()
+    ref = ref.double().to(got.device)
     if got.numel() == 0:
         return 0.0
     fin = torch.isfinite(ref)
@@ -216,6 +221,7 @@ def _rel_err(got, ref, tol):
 
 
 def _inputs(c, dev, n, dt):
+    # Drawn on the CPU (the same numbers for both backends), then copied.
     g = torch.Generator(device="cpu").manual_seed(1234 + c["d"] + 7 * c["outer"] + c["inner"])
     outer, d, inner = c["outer"], c["d"], c["inner"]
     pattern = c.get("pattern")
@@ -260,7 +266,7 @@ def run_case(c, k=None, check_determinism=True, schedules=("reversed", "random")
     n = outer * d * inner
     rms = c.get("rms", False)
     eps = c.get("eps", 1e-5)
-    x64, dy64, gamma64, beta64 = _inputs(c, dev, n, dt)
+    x64, dy64, gamma64, beta64 = (t.to(dev) for t in _inputs(c, dev, n, dt))
     x = _device_copy(x64, dt, c["misaligned"], dev)
     dy = _device_copy(dy64, dt, c["misaligned"], dev)
     pmis = c.get("misaligned_params", False)
@@ -292,13 +298,14 @@ def run_case(c, k=None, check_determinism=True, schedules=("reversed", "random")
         assert y.numel() == 0 and dx.numel() == 0
         return {}
 
-    # float64 oracle on the same rounded inputs, D moved last, on the CPU.
+    # float64 oracle on the same rounded inputs, D moved last (on the device
+    # of the tensors: the GPU grid's largest cases hold 2^26 elements).
     def to_rows(t):
-        return t.double().cpu().view(outer, d, inner).transpose(1, 2).reshape(-1, d)
+        return t.double().view(outer, d, inner).transpose(1, 2).reshape(-1, d)
 
     x64r = to_rows(x).requires_grad_(True)
-    g64 = gamma.double().cpu().requires_grad_(True) if gamma is not None else None
-    b64 = beta.double().cpu().requires_grad_(True) if beta is not None else None
+    g64 = gamma.double().requires_grad_(True) if gamma is not None else None
+    b64 = beta.double().requires_grad_(True) if beta is not None else None
     if rms:
         # RMSNorm written out (F.rms_norm's own definition), all in float64.
         y64 = x64r * torch.rsqrt(x64r.square().mean(dim=1, keepdim=True) + eps)
@@ -327,7 +334,7 @@ def run_case(c, k=None, check_determinism=True, schedules=("reversed", "random")
     if not rms:
         errs["mean"] = _rel_err(mean, mean64, tol_s)
     # rstd relative to the reference (where finite and non-zero), exact elsewhere.
-    rc = rstd.double().cpu()
+    rc = rstd.double()
     rel = torch.where(torch.isfinite(rstd64) & (rstd64 != 0), rc / rstd64, rc)
     errs["rstd"] = _rel_err(rel, torch.where(torch.isfinite(rstd64) & (rstd64 != 0),
                                              torch.ones_like(rstd64), rstd64), tol_s)
@@ -535,6 +542,7 @@ if pytest is not None and (os.environ.get("PYTEST_VERSION") or _UNDER_PYTEST):
 
 
 def main(argv):
+    """[--backend gpu|emu] [--cases all|emu|sanitizer] [-k substring] [--json out.json]"""
     out = None
     if "--json" in argv:
         out = argv[argv.index("--json") + 1]
@@ -544,7 +552,12 @@ def main(argv):
         print("skipped: " + reason)
         return 0
     k = kernels(backend)
-    cases = CASES if backend == "gpu" else EMU_CASES
+    which = argv[argv.index("--cases") + 1] if "--cases" in argv else "all"
+    cases = {"all": CASES if backend == "gpu" else EMU_CASES, "emu": EMU_CASES,
+             "sanitizer": SANITIZER_CASES}[which]
+    if "-k" in argv:
+        pattern = argv[argv.index("-k") + 1]
+        cases = [c for c in cases if pattern in case_id(c)]
     name = torch.cuda.get_device_name() if backend == "gpu" else "SIMT emulator (CPU)"
     print("device: %s; %d cases" % (name, len(cases)), flush=True)
     results, failures = [], 0
