@@ -462,12 +462,31 @@ Fiber* Pick(int* cursor, int* warp_cursor) {
   return nullptr;
 }
 
+// Fills every __shared__ static with 0xFF bytes: NaN in every float type, so
+// reading shared memory nobody wrote shows. Under AddressSanitizer the section
+// also holds the redzones after each static: those are skipped (writing them
+// is a report; unpoisoning them would hide overflows of __shared__ arrays).
+void PoisonShared() {
+  char* p = __start_tfln_shared;
+  char* const end = __stop_tfln_shared;
+  if (p == nullptr || !(+end > +p)) return;
+#if TFLN_EMU_ASAN
+  constexpr uintptr_t kGranule = 8;  // ASan's granule: its addressable bytes are a prefix
+  while (p < end) {
+    char* redzone = static_cast<char*>(__asan_region_is_poisoned(p, end - p));
+    if (redzone == nullptr) redzone = end;
+    std::memset(p, 0xff, redzone - p);
+    p = redzone + (-reinterpret_cast<uintptr_t>(redzone) & (kGranule - 1));
+    while (p < end && __asan_address_is_poisoned(p)) p += kGranule;
+  }
+#else
+  std::memset(p, 0xff, end - p);
+#endif
+}
+
 bool RunBlock(const uint3& block, bool first) {
   Runtime& r = R();
-  if (__start_tfln_shared != nullptr && __stop_tfln_shared > __start_tfln_shared) {
-    // NaN in every float type: reading shared memory nobody wrote shows.
-    std::memset(__start_tfln_shared, 0xff, __stop_tfln_shared - __start_tfln_shared);
-  }
+  PoisonShared();
   r.runnable = 0;
   r.done = 0;
   r.at_barrier = 0;

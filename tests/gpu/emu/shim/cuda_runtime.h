@@ -29,7 +29,7 @@
 #define warpSize 32
 
 #define __syncthreads() ::tfln_emu::SyncThreads(__FILE__, __LINE__)
-#define __syncwarp(...) ::tfln_emu::SyncWarp(__FILE__, __LINE__, ##__VA_ARGS__)
+#define __syncwarp(...) ::tfln_emu::SyncWarp(__FILE__, __LINE__ __VA_OPT__(, ) __VA_ARGS__)
 #define __shfl_sync(mask, v, ...) \
   ::tfln_emu::Shfl(::tfln_emu::kShflIdx, mask, v, __FILE__, __LINE__, __VA_ARGS__)
 #define __shfl_up_sync(mask, v, ...) \
