@@ -263,15 +263,17 @@ struct ColumnGrid {
   int64_t units;       // outer * tiles * chunks
 };
 
-// Thread (tx, ty) of a column CTA in one unit: column i of outer index o,
-// rows k_begin, k_begin + tr, ... < k_end (none for idle threads).
+// Thread (tx, ty) of a column CTA in one unit: column i = tile * w + tx of
+// outer index o, rows k_begin = chunk * chunk_rows + ty, k_begin + tr, ...
+// up to the chunk's end (none for idle threads and columns past inner).
 struct ColumnUnit {
-  bool column;    // i < inner
-  int64_t col;    // statistics index o * inner + i
-  int64_t base;   // element index of x[o, 0, i]
-  int64_t chunk;  // chunk of D
-  int64_t k_begin;
-  int64_t k_end;
+  bool column;      // i < inner
+  int64_t col;      // statistics index o * inner + i
+  int64_t base;     // element index of x[o, 0, i]
+  int64_t chunk;    // chunk of D
+  int64_t k_begin;  // the thread's first row along D
+  int64_t rows;     // its rows: k_begin, k_begin + tr, ... (0 for idle threads)
+  int64_t first;    // element index of its first row, x[o, k_begin, i]
 };
 
 __device__ __forceinline__ ColumnUnit ColumnUnitOf(const ColumnGrid& g, int64_t u, int64_t d,
@@ -285,29 +287,28 @@ __device__ __forceinline__ ColumnUnit ColumnUnitOf(const ColumnGrid& g, int64_t 
   cu.col = o * inner + i;
   cu.base = o * d * inner + i;
   cu.k_begin = cu.chunk * g.chunk_rows + ty;
-  const int64_t end = (cu.chunk + 1) * g.chunk_rows;
-  cu.k_end = cu.column && ty < g.tr ? (end < d ? end : d) : 0;
+  const int64_t end = (cu.chunk + 1) * g.chunk_rows < d ? (cu.chunk + 1) * g.chunk_rows : d;
+  cu.rows = cu.column && ty < g.tr && cu.k_begin < end ? (end - cu.k_begin + g.tr - 1) / g.tr : 0;
+  cu.first = cu.rows > 0 ? cu.base + cu.k_begin * inner : 0;
   return cu;
 }
 
-// Calls f(j, k, element index) for the thread's rows k of a unit, j counting
-// them from 0. kVpt > 0: an unrolled loop of kVpt steps (the caller keeps
-// row j in registers; the plan makes sure the chunk fits), else streamed.
+// Calls f(j) for the thread's rows j = 0 .. rows - 1 of a unit; the caller
+// steps its own pointers by tr * inner elements per row (pointers per pass,
+// rather than indices shared by the passes, which the compiler would keep
+// live across them). kVpt > 0: an unrolled loop of kVpt steps (the caller
+// keeps row j in registers; the plan makes sure the chunk fits), else a
+// streamed loop.
 template <int kVpt, typename F>
-__device__ __forceinline__ void ForColumnRows(const ColumnUnit& cu, int tr, int64_t inner,
-                                              F&& f) {
-  const int64_t step = static_cast<int64_t>(tr) * inner;
-  int64_t off = cu.base + cu.k_begin * inner;
+__device__ __forceinline__ void ForColumnRows(int64_t rows, F&& f) {
   if constexpr (kVpt > 0) {
 #pragma unroll
     for (int j = 0; j < kVpt; ++j) {
-      const int64_t k = cu.k_begin + static_cast<int64_t>(j) * tr;
-      if (k < cu.k_end) f(j, k, off);
-      off += step;
+      if (j < rows) f(j);
     }
   } else {
 #pragma unroll 4
-    for (int64_t k = cu.k_begin; k < cu.k_end; k += tr, off += step) f(0, k, off);
+    for (int64_t j = 0; j < rows; ++j) f(0);
   }
 }
 
@@ -487,25 +488,6 @@ __device__ __forceinline__ RowStats<C> WideStatsStreaming(const T* xr, int64_t d
   return FinishWideStats(mu, q[0], d, eps);
 }
 
-// Mean and rstd of x[0], x[stride], ... x[(d - 1) * stride] in double, by one
-// thread (the column kernels, where a thread owns a column).
-template <typename T, typename C>
-__device__ __forceinline__ RowStats<C> WideStats(const T* x, int64_t d, int64_t stride, bool rms,
-                                                 C eps) {
-  double mu = 0;
-  if (!rms) {
-    double sum = 0;
-    for (int64_t k = 0; k < d; ++k) sum += static_cast<double>(Convert<T>::Widen(x[k * stride]));
-    mu = sum / static_cast<double>(d);
-  }
-  double sq = 0;
-  for (int64_t k = 0; k < d; ++k) {
-    const double dev = static_cast<double>(Convert<T>::Widen(x[k * stride])) - mu;
-    sq += dev * dev;
-  }
-  return FinishWideStats(mu, sq, d, eps);
-}
-
 // Row in registers; kVpt vectors of kVecWidth<T> elements per thread. The
 // mean is shifted by the row's first element (x - x[0] summed, as the CPU
 // kernels do): rows far from 0 relative to their spread keep their bits.
@@ -662,12 +644,12 @@ __global__ void __launch_bounds__(kStreamBlock)
 }
 
 // inner > 1: a CTA per (outer index, column tile) unit, the tile's D rows
-// spread over the thread rows. Three passes: a shifted sum (shifted by the
-// column's first element, so columns like 1e4 + N(0, 0.1) keep their bits;
-// by 0 when that element is NaN/Inf, which then gives PyTorch's mean), the
-// squared deviations from the mean (two-pass variance) with a NaN/Inf
-// detector, then y. kVpt > 0: the thread's rows stay in registers between
-// the passes (x is read once).
+// spread over the thread rows. Three passes: the sum of x - shift (MeanShift
+// of the column's first element: columns like 1e4 + N(0, 0.1) keep their
+// bits), the squared deviations (x - shift) - (mean - shift) (two-pass
+// variance, exact to the spread's last bits however the mean rounds) with a
+// NaN/Inf detector, then y from the same deviations. kVpt > 0: the thread's
+// rows stay in registers between the passes (x is read once).
 // Columns whose float statistics are out of range (NeedsWideStats) but whose
 // values are all finite get them recomputed in double by all the threads of
 // the column (the CTA takes that branch together when any of its columns
@@ -688,38 +670,47 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
   C* red = reinterpret_cast<C*>(red_raw);
   int parity = 0, any_parity = 0;
   const int tx = threadIdx.x % cg.w, ty = threadIdx.x / cg.w;
-  const int64_t d = p.d, inner = p.inner;
+  const int64_t d = p.d, inner = p.inner, step = static_cast<int64_t>(cg.tr) * inner;
   for (int64_t u = blockIdx.x; u < cg.units; u += gridDim.x) {
     const ColumnUnit cu = ColumnUnitOf(cg, u, d, inner, tx, ty);
     C v[kVpt > 0 ? kVpt : 1];
     if constexpr (kVpt > 0) {
+      const T* xp = p.x + cu.first;
 #pragma unroll
       for (int j = 0; j < kVpt; ++j) v[j] = C(0);
-      ForColumnRows<kVpt>(cu, cg.tr, inner, [&](int j, int64_t, int64_t off) {
-        v[j] = Convert<T>::Widen(p.x[off]);
+      ForColumnRows<kVpt>(cu.rows, [&](int j) {
+        v[j] = Convert<T>::Widen(*xp);
+        xp += step;
       });
     }
-    auto xval = [&](int j, int64_t off) -> C {
-      if constexpr (kVpt > 0) return v[j];
-      return Convert<T>::Widen(p.x[off]);
+    // f(j, x) over the thread's rows, from registers or from memory.
+    auto rows = [&](auto&& f) {
+      const T* xp = p.x + cu.first;
+      ForColumnRows<kVpt>(cu.rows, [&](int j) {
+        if constexpr (kVpt > 0) {
+          f(j, v[j]);
+        } else {
+          f(j, static_cast<C>(Convert<T>::Widen(*xp)));
+          xp += step;
+        }
+      });
     };
-    C shift = 0, mean = 0;
+    // mean = shift + center; RMSNorm: both 0.
+    C shift = 0, center = 0;
     if (!p.rms) {
       if (cu.column) {
-        shift = Convert<T>::Widen(p.x[cu.base]);
-        if (!(shift - shift == C(0))) shift = 0;
+        shift = MeanShift(static_cast<C>(Convert<T>::Widen(p.x[cu.base])));
       }
       C s[1] = {C(0)};
-      ForColumnRows<kVpt>(cu, cg.tr, inner,
-                          [&](int j, int64_t, int64_t off) { s[0] += xval(j, off) - shift; });
+      rows([&](int, C xv) { s[0] += xv - shift; });
       ColumnAllReduce(s, cg.w, red, parity);
-      mean = shift + s[0] * p.inv_d;
+      center = s[0] * p.inv_d;
     }
+    C mean = shift + center;
     // Squared deviations, and x - x: 0, or NaN once the column holds a NaN/Inf.
     C q[2] = {C(0), C(0)};
-    ForColumnRows<kVpt>(cu, cg.tr, inner, [&](int j, int64_t, int64_t off) {
-      const C xv = xval(j, off);
-      const C dev = xv - mean;
+    rows([&](int, C xv) {
+      const C dev = (xv - shift) - center;
       q[0] += dev * dev;
       q[1] += xv - xv;
     });
@@ -731,22 +722,25 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
         double wmu = 0;
         if (!p.rms) {
           double s[1] = {0.0};
-          ForColumnRows<kVpt>(cu, cg.tr, inner, [&](int j, int64_t, int64_t off) {
-            s[0] += static_cast<double>(xval(j, off)) - static_cast<double>(shift);
+          rows([&](int, C xv) {
+            s[0] += static_cast<double>(xv) - static_cast<double>(shift);
           });
           ColumnAllReduce(s, cg.w, red_raw, parity);
           wmu = static_cast<double>(shift) + s[0] / static_cast<double>(d);
         }
         double sq[1] = {0.0};
-        ForColumnRows<kVpt>(cu, cg.tr, inner, [&](int j, int64_t, int64_t off) {
-          const double dev = static_cast<double>(xval(j, off)) - wmu;
+        rows([&](int, C xv) {
+          const double dev = static_cast<double>(xv) - wmu;
           sq[0] += dev * dev;
         });
         ColumnAllReduce(sq, cg.w, red_raw, parity);
         if (wide) {
-          mean = static_cast<C>(wmu);
-          rstd = static_cast<C>(
-              1.0 / sqrt(sq[0] / static_cast<double>(d) + static_cast<double>(p.eps)));
+          const RowStats<C> w = FinishWideStats(wmu, sq[0], d, p.eps);
+          // Such columns may span more than float's range (x - shift
+          // overflows): their deviations are taken from the mean itself.
+          mean = center = w.mean;
+          rstd = w.rstd;
+          shift = C(0);
         }
       }
     }
@@ -754,10 +748,14 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
       if (p.mean) p.mean[cu.col] = mean;
       p.rstd[cu.col] = rstd;
     }
-    ForColumnRows<kVpt>(cu, cg.tr, inner, [&](int j, int64_t k, int64_t off) {
+    T* yp = p.y + cu.first;
+    int64_t k = cu.k_begin;
+    rows([&](int, C xv) {
       const C g = p.gamma ? static_cast<C>(Convert<U>::Widen(p.gamma[k])) : C(1);
       const C b = p.beta ? static_cast<C>(Convert<U>::Widen(p.beta[k])) : C(0);
-      p.y[off] = Convert<T>::Narrow(Normalize(xval(j, off), mean, rstd) * g + b);
+      *yp = Convert<T>::Narrow(Normalize(xv - shift, center, rstd) * g + b);
+      yp += step;
+      k += cg.tr;
     });
   }
 }
@@ -953,29 +951,39 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
   __shared__ C red[2 * kMaxColumnBlock * 2];
   int parity = 0;
   const int tx = threadIdx.x % cg.w, ty = threadIdx.x / cg.w;
-  const int64_t d = p.d, inner = p.inner;
+  const int64_t d = p.d, inner = p.inner, step = static_cast<int64_t>(cg.tr) * inner;
   for (int64_t u = blockIdx.x; u < cg.units; u += gridDim.x) {
     const ColumnUnit cu = ColumnUnitOf(cg, u, d, inner, tx, ty);
     const C mu = cu.column && p.mean ? p.mean[cu.col] : C(0);
     const C rs = cu.column ? p.rstd[cu.col] : C(0);
     C xh[kVpt > 0 ? kVpt : 1], gd[kVpt > 0 ? kVpt : 1];
-    // xhat and g = dy * gamma of row k.
-    auto compute = [&](int64_t k, int64_t off, C& xhat, C& g) {
-      const C gm = p.gamma ? static_cast<C>(Convert<U>::Widen(p.gamma[k])) : C(1);
-      xhat = Normalize(static_cast<C>(Convert<T>::Widen(p.x[off])), mu, rs);
-      g = static_cast<C>(Convert<T>::Widen(p.dy[off])) * gm;
+    // f(j, xhat, g = dy * gamma) over the thread's rows, from memory (and
+    // into registers when `keep`).
+    auto read_rows = [&](bool keep, auto&& f) {
+      const T* xp = p.x + cu.first;
+      const T* dyp = p.dy + cu.first;
+      int64_t k = cu.k_begin;
+      ForColumnRows<kVpt>(cu.rows, [&](int j) {
+        const C gm = p.gamma ? static_cast<C>(Convert<U>::Widen(p.gamma[k])) : C(1);
+        const C xhat = Normalize(static_cast<C>(Convert<T>::Widen(*xp)), mu, rs);
+        const C g = static_cast<C>(Convert<T>::Widen(*dyp)) * gm;
+        if constexpr (kVpt > 0) {
+          if (keep) {
+            xh[j] = xhat;
+            gd[j] = g;
+          }
+        }
+        f(xhat, g);
+        xp += step;
+        dyp += step;
+        k += cg.tr;
+      });
     };
     C s[2] = {C(0), C(0)};  // sum of g, sum of g * xhat
     if (phase != kColumnDx) {
-      ForColumnRows<kVpt>(cu, cg.tr, inner, [&](int j, int64_t k, int64_t off) {
-        C xhat, g;
-        compute(k, off, xhat, g);
+      read_rows(true, [&](C xhat, C g) {
         s[0] += g;
         s[1] += g * xhat;
-        if constexpr (kVpt > 0) {
-          xh[j] = xhat;
-          gd[j] = g;
-        }
       });
       ColumnAllReduce(s, cg.w, red, parity);
       if (phase == kColumnSums) {
@@ -997,16 +1005,16 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
       ColumnAllReduce(s, cg.w, red, parity);
     }
     const C mean_g = p.rms ? C(0) : s[0] * p.inv_d, mean_gx = s[1] * p.inv_d;
-    ForColumnRows<kVpt>(cu, cg.tr, inner, [&](int j, int64_t k, int64_t off) {
-      C xhat, g;
-      if constexpr (kVpt > 0) {  // kColumnAll
-        xhat = xh[j];
-        g = gd[j];
-      } else {
-        compute(k, off, xhat, g);
-      }
-      p.dx[off] = Convert<T>::Narrow(rs * (g - mean_g - xhat * mean_gx));
-    });
+    T* dxp = p.dx + cu.first;
+    auto write = [&](C xhat, C g) {
+      *dxp = Convert<T>::Narrow(rs * (g - mean_g - xhat * mean_gx));
+      dxp += step;
+    };
+    if constexpr (kVpt > 0) {  // kColumnAll: the rows are in registers
+      ForColumnRows<kVpt>(cu.rows, [&](int j) { write(xh[j], gd[j]); });
+    } else {
+      read_rows(false, write);
+    }
   }
 }
 
@@ -1075,6 +1083,7 @@ __global__ void __launch_bounds__(kColumnBlock)
     C ag = 0, ab = 0;
     if (k < d) {
       int64_t i = i0, idx = o0 * plane + k * inner + i0;
+#pragma unroll 2
       for (int64_t j = j0 + tx; j < j1; j += w) {
         const C dyv = Convert<T>::Widen(dy[idx]);
         ag += dyv * Normalize(static_cast<C>(Convert<T>::Widen(x[idx])), mean ? mean[j] : C(0),
