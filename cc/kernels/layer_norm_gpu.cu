@@ -20,8 +20,10 @@
 //     sums over the thread rows in a fixed order (a warp butterfly, then the
 //     warps in order). Up to 16 rows per thread stay in registers (x is read
 //     once), longer columns are streamed. Few (outer, tile) units grow the
-//     CTA along D; the backward also splits D across CTAs (per-chunk sums in
-//     the workspace, added in chunk order by the dx kernel).
+//     CTA along D (up to 512 threads); the backward, which has a workspace,
+//     also splits D across CTAs (per-chunk sums, added in chunk order by a
+//     second dx launch). dgamma/dbeta partials by a kernel of their own,
+//     coalesced along inner.
 // dgamma/dbeta: fp32 partials [parts, D] written by a fixed set of CTAs (a
 // function of the device's SM count and the shape only), then summed by a
 // finalize kernel in partial order: deterministic, no atomics.
@@ -684,7 +686,7 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
       });
     }
     // f(j, x) over the thread's rows, from registers or from memory.
-    auto rows = [&](auto&& f) {
+    auto each_row = [&](auto&& f) {
       const T* xp = p.x + cu.first;
       ForColumnRows<kVpt>(cu.rows, [&](int j) {
         if constexpr (kVpt > 0) {
@@ -702,14 +704,14 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
         shift = MeanShift(static_cast<C>(Convert<T>::Widen(p.x[cu.base])));
       }
       C s[1] = {C(0)};
-      rows([&](int, C xv) { s[0] += xv - shift; });
+      each_row([&](int, C xv) { s[0] += xv - shift; });
       ColumnAllReduce(s, cg.w, red, parity);
       center = s[0] * p.inv_d;
     }
     C mean = shift + center;
     // Squared deviations, and x - x: 0, or NaN once the column holds a NaN/Inf.
     C q[2] = {C(0), C(0)};
-    rows([&](int, C xv) {
+    each_row([&](int, C xv) {
       const C dev = (xv - shift) - center;
       q[0] += dev * dev;
       q[1] += xv - xv;
@@ -722,14 +724,14 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
         double wmu = 0;
         if (!p.rms) {
           double s[1] = {0.0};
-          rows([&](int, C xv) {
+          each_row([&](int, C xv) {
             s[0] += static_cast<double>(xv) - static_cast<double>(shift);
           });
           ColumnAllReduce(s, cg.w, red_raw, parity);
           wmu = static_cast<double>(shift) + s[0] / static_cast<double>(d);
         }
         double sq[1] = {0.0};
-        rows([&](int, C xv) {
+        each_row([&](int, C xv) {
           const double dev = static_cast<double>(xv) - wmu;
           sq[0] += dev * dev;
         });
@@ -750,7 +752,7 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
     }
     T* yp = p.y + cu.first;
     int64_t k = cu.k_begin;
-    rows([&](int, C xv) {
+    each_row([&](int, C xv) {
       const C g = p.gamma ? static_cast<C>(Convert<U>::Widen(p.gamma[k])) : C(1);
       const C b = p.beta ? static_cast<C>(Convert<U>::Widen(p.beta[k])) : C(0);
       *yp = Convert<T>::Narrow(Normalize(xv - shift, center, rstd) * g + b);
