@@ -304,9 +304,10 @@ __device__ __forceinline__ ColumnUnit ColumnUnitOf(const ColumnGrid& g, int64_t 
 template <int kVpt, typename F>
 __device__ __forceinline__ void ForColumnRows(int64_t rows, F&& f) {
   if constexpr (kVpt > 0) {
+    const int n = static_cast<int>(rows);  // <= kVpt
 #pragma unroll
     for (int j = 0; j < kVpt; ++j) {
-      if (j < rows) f(j);
+      if (j < n) f(j);
     }
   } else {
 #pragma unroll 4
@@ -685,17 +686,27 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
         xp += step;
       });
     }
-    // f(j, x) over the thread's rows, from registers or from memory.
+    // f(x) over the thread's rows, from registers or from memory.
     auto each_row = [&](auto&& f) {
-      const T* xp = p.x + cu.first;
-      ForColumnRows<kVpt>(cu.rows, [&](int j) {
-        if constexpr (kVpt > 0) {
-          f(j, v[j]);
-        } else {
-          f(j, static_cast<C>(Convert<T>::Widen(*xp)));
+      if constexpr (kVpt > 0) {
+        ForColumnRows<kVpt>(cu.rows, [&](int j) { f(v[j]); });
+      } else {
+        const T* xp = p.x + cu.first;
+        ForColumnRows<0>(cu.rows, [&](int) {
+          f(static_cast<C>(Convert<T>::Widen(*xp)));
           xp += step;
-        }
-      });
+        });
+      }
+    };
+    // The same from memory, one row at a time, for the rare double-precision
+    // branch: x is intact until the first write of y, and the branch then
+    // costs the hot path no registers.
+    auto each_row_slowly = [&](auto&& f) {
+      const T* xp = p.x + cu.first;
+#pragma unroll 1
+      for (int64_t j = 0; j < cu.rows; ++j, xp += step) {
+        f(static_cast<C>(Convert<T>::Widen(*xp)));
+      }
     };
     // mean = shift + center; RMSNorm: both 0.
     C shift = 0, center = 0;
@@ -704,14 +715,14 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
         shift = MeanShift(static_cast<C>(Convert<T>::Widen(p.x[cu.base])));
       }
       C s[1] = {C(0)};
-      each_row([&](int, C xv) { s[0] += xv - shift; });
+      each_row([&](C xv) { s[0] += xv - shift; });
       ColumnAllReduce(s, cg.w, red, parity);
       center = s[0] * p.inv_d;
     }
     C mean = shift + center;
     // Squared deviations, and x - x: 0, or NaN once the column holds a NaN/Inf.
     C q[2] = {C(0), C(0)};
-    each_row([&](int, C xv) {
+    each_row([&](C xv) {
       const C dev = (xv - shift) - center;
       q[0] += dev * dev;
       q[1] += xv - xv;
@@ -724,14 +735,14 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
         double wmu = 0;
         if (!p.rms) {
           double s[1] = {0.0};
-          each_row([&](int, C xv) {
+          each_row_slowly([&](C xv) {
             s[0] += static_cast<double>(xv) - static_cast<double>(shift);
           });
           ColumnAllReduce(s, cg.w, red_raw, parity);
           wmu = static_cast<double>(shift) + s[0] / static_cast<double>(d);
         }
         double sq[1] = {0.0};
-        each_row([&](int, C xv) {
+        each_row_slowly([&](C xv) {
           const double dev = static_cast<double>(xv) - wmu;
           sq[0] += dev * dev;
         });
@@ -752,7 +763,7 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
     }
     T* yp = p.y + cu.first;
     int64_t k = cu.k_begin;
-    each_row([&](int, C xv) {
+    each_row([&](C xv) {
       const C g = p.gamma ? static_cast<C>(Convert<U>::Widen(p.gamma[k])) : C(1);
       const C b = p.beta ? static_cast<C>(Convert<U>::Widen(p.beta[k])) : C(0);
       *yp = Convert<T>::Narrow(Normalize(xv - shift, center, rstd) * g + b);
