@@ -12,9 +12,18 @@
 //   rows, D too large for registers ("streaming"): one CTA per row, three
 //     passes over the row (sum, squared deviations, output); the 2nd and 3rd
 //     reads of a row mostly hit L2. Any D that fits int64 works.
-//   inner > 1 (normalizing a middle axis, e.g. channels of NCHW): one thread
-//     per (outer, inner) column walking D with stride `inner`, so a warp's
-//     accesses are contiguous along inner; no transposes.
+//   inner > 1 (normalizing a middle axis, e.g. channels of NCHW): a CTA
+//     covers a tile of w adjacent inner columns (w = min(32, next power of
+//     two of inner); consecutive threads take consecutive columns, so a warp
+//     reads 32 / w rows of w adjacent elements: contiguous along inner, no
+//     transposes) and spreads D over its tr thread rows; the statistics are
+//     sums over the thread rows in a fixed order (a warp butterfly, then the
+//     warps in order). Up to 16 rows per thread stay in registers (x is read
+//     once), longer columns are streamed. Few (outer, tile) units grow the
+//     CTA along D (up to 512 threads); the backward, which has a workspace,
+//     also splits D across CTAs (per-chunk sums, added in chunk order by a
+//     second dx launch). dgamma/dbeta partials by a kernel of their own,
+//     coalesced along inner.
 // dgamma/dbeta: fp32 partials [parts, D] written by a fixed set of CTAs (a
 // function of the device's SM count and the shape only), then summed by a
 // finalize kernel in partial order: deterministic, no atomics.
@@ -60,8 +69,26 @@ constexpr int kMaxVpt = 8;
 constexpr int kSmallRowsBlock = 128;
 // CTA of the streaming (one row per CTA) kernels: 16 warps of loads in flight.
 constexpr int kStreamBlock = 512;
-// CTA of the column (inner > 1) kernels and of the per-column reductions.
+// Column (inner > 1) kernels: a tile is at most kColumnTileCols adjacent
+// inner columns (a warp then reads 128 bytes of one float row); a CTA starts
+// at kColumnBlock threads (w columns x kColumnBlock / w rows of D) and grows
+// along D up to kMaxColumnBlock while the grid has fewer than
+// kColumnFillThreadsPerSm threads per SM (a full SM's worth).
+constexpr int kColumnTileCols = 32;
 constexpr int kColumnBlock = 256;
+constexpr int kMaxColumnBlock = 512;
+constexpr int kColumnFillThreadsPerSm = 2048;
+// Rows of D per thread the column kernels keep in registers (template
+// instantiations: kColumnFewRows, kColumnCachedRows, and 0 = streamed: two
+// or three reads of x, the later ones mostly from L2). The forward holds 16
+// values, the backward 2 x 16 (xhat and dy * gamma); both spill-free within
+// the 128 registers a kMaxColumnBlock CTA leaves (ptxas --resource-usage).
+constexpr int kColumnFewRows = 4;
+constexpr int kColumnCachedRows = 16;
+// The backward splits D across CTAs into chunks of at least this many rows
+// per thread: every chunk adds one partial sum per column to the combine, so
+// much shorter chunks would cost more in combining than they save.
+constexpr int kColumnMinChunkRowsPerThread = 8;
 // Tiles of the dgamma/dbeta reductions over rows: a warp reads 32 adjacent
 // columns (coalesced); 8 warps walk the rows.
 constexpr int kTileCols = 32;
@@ -224,14 +251,132 @@ __device__ __forceinline__ void RowAllReduce(C (&v)[K], int tpr, C (*smem)[kWarp
   }
 }
 
-// Fixed-tree sum over a CTA of kColumnBlock threads; the result is in red[0].
-template <typename C>
-__device__ __forceinline__ void BlockTreeReduce(C* red) {
-  __syncthreads();
-  for (int s = kColumnBlock / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
-    __syncthreads();
+// ---------------------------------------------------------------------------
+// Column tiles (inner > 1)
+
+// Geometry shared by the column kernels (PlanColumns). Unit u of their
+// persistent loops is (outer index, tile, chunk of D).
+struct ColumnGrid {
+  int w;               // columns per tile: a power of two <= kColumnTileCols
+  int tr;              // thread rows along D; w * tr <= blockDim.x (the rest idle)
+  int64_t tiles;       // ceil(inner / w)
+  int64_t chunks;      // CTAs along D per (outer, tile); 1 in the forward
+  int64_t chunk_rows;  // rows of D per chunk
+  int64_t units;       // outer * tiles * chunks
+};
+
+// Thread (tx, ty) of a column CTA in one unit: column i = tile * w + tx of
+// outer index o, rows k_begin = chunk * chunk_rows + ty, k_begin + tr, ...
+// up to the chunk's end (none for idle threads and columns past inner).
+struct ColumnUnit {
+  bool column;      // i < inner
+  int64_t col;      // statistics index o * inner + i
+  int64_t base;     // element index of x[o, 0, i]
+  int64_t chunk;    // chunk of D
+  int64_t k_begin;  // the thread's first row along D
+  int64_t rows;     // its rows: k_begin, k_begin + tr, ... (0 for idle threads)
+  int64_t first;    // element index of its first row, x[o, k_begin, i]
+};
+
+__device__ __forceinline__ ColumnUnit ColumnUnitOf(const ColumnGrid& g, int64_t u, int64_t d,
+                                                   int64_t inner, int tx, int ty) {
+  ColumnUnit cu;
+  cu.chunk = u % g.chunks;
+  const int64_t t = u / g.chunks;
+  const int64_t o = t / g.tiles;
+  const int64_t i = (t - o * g.tiles) * g.w + tx;
+  cu.column = i < inner;
+  cu.col = o * inner + i;
+  cu.base = o * d * inner + i;
+  cu.k_begin = cu.chunk * g.chunk_rows + ty;
+  const int64_t end = (cu.chunk + 1) * g.chunk_rows < d ? (cu.chunk + 1) * g.chunk_rows : d;
+  cu.rows = cu.column && ty < g.tr && cu.k_begin < end ? (end - cu.k_begin + g.tr - 1) / g.tr : 0;
+  cu.first = cu.rows > 0 ? cu.base + cu.k_begin * inner : 0;
+  return cu;
+}
+
+// Calls f(j) for the thread's rows j = 0 .. rows - 1 of a unit; the caller
+// steps its own pointers by tr * inner elements per row (pointers per pass,
+// rather than indices shared by the passes, which the compiler would keep
+// live across them). kVpt > 0: an unrolled loop of kVpt steps (the caller
+// keeps row j in registers; the plan makes sure the chunk fits), else a
+// streamed loop.
+template <int kVpt, typename F>
+__device__ __forceinline__ void ForColumnRows(int64_t rows, F&& f) {
+  if constexpr (kVpt > 0) {
+    const int n = static_cast<int>(rows);  // <= kVpt
+#pragma unroll
+    for (int j = 0; j < kVpt; ++j) {
+      if (j < n) f(j);
+    }
+  } else {
+#pragma unroll 4
+    for (int64_t j = 0; j < rows; ++j) f(0);
   }
+}
+
+// Sum over the thread rows of a column CTA; every thread of a column ends
+// with the same bits. Lanes tx, tx + w, ... of a warp hold rows of the same
+// column (w divides 32): a xor butterfly over offsets >= w adds them (the
+// same two operands on both sides), then the warps' sums are added in warp
+// order. `smem` holds 2 x kMaxColumnBlock x K values and alternates halves as
+// RowAllReduce does (one barrier per reduction). The double reductions of the
+// float kernels use the same bytes: a half of K = 2 floats is a half of
+// K = 1 doubles, so the alternation stays valid across the two views.
+template <typename C, int K>
+__device__ __forceinline__ void ColumnAllReduce(C (&v)[K], int w, C* smem, int& parity) {
+  for (int offset = kWarp / 2; offset >= w; offset /= 2) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] += __shfl_xor_sync(0xffffffffu, v[k], offset);
+  }
+  const int warps = blockDim.x / kWarp;
+  if (warps == 1) return;
+  C* buf = smem + parity * kMaxColumnBlock * K;
+  parity ^= 1;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (lane < w) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) buf[(warp * w + lane) * K + k] = v[k];
+  }
+  __syncthreads();
+  const int tx = lane % w;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    C s = 0;
+    for (int q = 0; q < warps; ++q) s += buf[(q * w + tx) * K + k];
+    v[k] = s;
+  }
+}
+
+// Whether any thread of the CTA passes true; the same answer in every thread.
+// `smem`: 2 x kMaxColumnBlock / kWarp ints, alternating halves as above.
+__device__ __forceinline__ bool BlockAny(bool flag, int* smem, int& parity) {
+  int v = flag ? 1 : 0;
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    v |= __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  const int warps = blockDim.x / kWarp;
+  if (warps == 1) return v != 0;
+  int* buf = smem + parity * (kMaxColumnBlock / kWarp);
+  parity ^= 1;
+  if (threadIdx.x % kWarp == 0) buf[threadIdx.x / kWarp] = v;
+  __syncthreads();
+  for (int q = 0; q < warps; ++q) v |= buf[q];
+  return v != 0;
+}
+
+// xhat = (x - mean) * rstd, kept finite where it is representable: x - mean
+// overflows only for finite x and mean of opposite signs near float's limit
+// (2e38 in a column of mostly -2e38); rstd <= sqrt(D) / |x - mean| is then
+// tiny, and x * rstd - mean * rstd adds two terms of the same sign (no
+// cancellation). NaN/Inf inputs keep their NaN/Inf.
+template <typename C>
+__device__ __forceinline__ C Normalize(C x, C mean, C rstd) {
+  const C dev = x - mean;
+  if (!(dev - dev == C(0)) && x - x == C(0) && mean - mean == C(0)) {
+    return x * rstd - mean * rstd;
+  }
+  return dev * rstd;
 }
 
 // ---------------------------------------------------------------------------
@@ -344,25 +489,6 @@ __device__ __forceinline__ RowStats<C> WideStatsStreaming(const T* xr, int64_t d
   }
   RowAllReduce(q, tpr, smem, parity);
   return FinishWideStats(mu, q[0], d, eps);
-}
-
-// Mean and rstd of x[0], x[stride], ... x[(d - 1) * stride] in double, by one
-// thread (the column kernels, where a thread owns a column).
-template <typename T, typename C>
-__device__ __forceinline__ RowStats<C> WideStats(const T* x, int64_t d, int64_t stride, bool rms,
-                                                 C eps) {
-  double mu = 0;
-  if (!rms) {
-    double sum = 0;
-    for (int64_t k = 0; k < d; ++k) sum += static_cast<double>(Convert<T>::Widen(x[k * stride]));
-    mu = sum / static_cast<double>(d);
-  }
-  double sq = 0;
-  for (int64_t k = 0; k < d; ++k) {
-    const double dev = static_cast<double>(Convert<T>::Widen(x[k * stride])) - mu;
-    sq += dev * dev;
-  }
-  return FinishWideStats(mu, sq, d, eps);
 }
 
 // Row in registers; kVpt vectors of kVecWidth<T> elements per thread. The
@@ -520,41 +646,130 @@ __global__ void __launch_bounds__(kStreamBlock)
   }
 }
 
-// inner > 1: one thread per (outer, inner) column; neighbours in a warp touch
-// neighbouring addresses at every step along D.
-template <typename T, typename U>
-__global__ void __launch_bounds__(kColumnBlock) ForwardColumnsKernel(ForwardParams<T, U> p) {
+// inner > 1: a CTA per (outer index, column tile) unit, the tile's D rows
+// spread over the thread rows. Three passes: the sum of x - shift (MeanShift
+// of the column's first element: columns like 1e4 + N(0, 0.1) keep their
+// bits), the squared deviations (x - shift) - (mean - shift) (two-pass
+// variance, exact to the spread's last bits however the mean rounds) with a
+// NaN/Inf detector, then y from the same deviations. kVpt > 0: the thread's
+// rows stay in registers between the passes (x is read once).
+// Columns whose float statistics are out of range (NeedsWideStats) but whose
+// values are all finite get them recomputed in double by all the threads of
+// the column (the CTA takes that branch together when any of its columns
+// needs it: the reductions have barriers). NaN/Inf columns keep their
+// NaN/Inf statistics without it.
+// In place (y == x) is safe: every thread writes y only at its own rows,
+// after reading x there, and the other threads' reads of the column (its
+// first element, the double recomputation) all come before the barrier of
+// the last reduction, which precedes the first write of y.
+template <typename T, typename U, int kVpt>
+__global__ void __launch_bounds__(kMaxColumnBlock)
+    ForwardColumnsKernel(ForwardParams<T, U> p, ColumnGrid cg) {
   using C = ComputeT<T>;
-  const int64_t inner = p.inner, d = p.d;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < p.rows;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t o = c / inner;
-    const int64_t base = o * d * inner + (c - o * inner);
-    const T* xc = p.x + base;
-    C sum = 0;
+  // C[2][kMaxColumnBlock][2], viewed as double[2][kMaxColumnBlock][1] by the
+  // double reductions of float kernels (see ColumnAllReduce).
+  __shared__ double red_raw[2 * kMaxColumnBlock * 2 * sizeof(C) / sizeof(double)];
+  __shared__ int any_smem[2 * kMaxColumnBlock / kWarp];
+  C* red = reinterpret_cast<C*>(red_raw);
+  int parity = 0, any_parity = 0;
+  const int tx = threadIdx.x % cg.w, ty = threadIdx.x / cg.w;
+  const int64_t d = p.d, inner = p.inner, step = static_cast<int64_t>(cg.tr) * inner;
+  for (int64_t u = blockIdx.x; u < cg.units; u += gridDim.x) {
+    const ColumnUnit cu = ColumnUnitOf(cg, u, d, inner, tx, ty);
+    C v[kVpt > 0 ? kVpt : 1];
+    if constexpr (kVpt > 0) {
+      const T* xp = p.x + cu.first;
+#pragma unroll
+      for (int j = 0; j < kVpt; ++j) v[j] = C(0);
+      ForColumnRows<kVpt>(cu.rows, [&](int j) {
+        v[j] = Convert<T>::Widen(*xp);
+        xp += step;
+      });
+    }
+    // f(x) over the thread's rows, from registers or from memory.
+    auto each_row = [&](auto&& f) {
+      if constexpr (kVpt > 0) {
+        ForColumnRows<kVpt>(cu.rows, [&](int j) { f(v[j]); });
+      } else {
+        const T* xp = p.x + cu.first;
+        ForColumnRows<0>(cu.rows, [&](int) {
+          f(static_cast<C>(Convert<T>::Widen(*xp)));
+          xp += step;
+        });
+      }
+    };
+    // The same from memory, one row at a time, for the rare double-precision
+    // branch: x is intact until the first write of y, and the branch then
+    // costs the hot path no registers.
+    auto each_row_slowly = [&](auto&& f) {
+      const T* xp = p.x + cu.first;
+#pragma unroll 1
+      for (int64_t j = 0; j < cu.rows; ++j, xp += step) {
+        f(static_cast<C>(Convert<T>::Widen(*xp)));
+      }
+    };
+    // mean = shift + center; RMSNorm: both 0.
+    C shift = 0, center = 0;
     if (!p.rms) {
-      for (int64_t k = 0; k < d; ++k) sum += Convert<T>::Widen(xc[k * inner]);
+      if (cu.column) {
+        shift = MeanShift(static_cast<C>(Convert<T>::Widen(p.x[cu.base])));
+      }
+      C s[1] = {C(0)};
+      each_row([&](C xv) { s[0] += xv - shift; });
+      ColumnAllReduce(s, cg.w, red, parity);
+      center = s[0] * p.inv_d;
     }
-    C mean = sum * p.inv_d;
-    C sq = 0;
-    for (int64_t k = 0; k < d; ++k) {
-      const C dev = Convert<T>::Widen(xc[k * inner]) - mean;
-      sq += dev * dev;
+    C mean = shift + center;
+    // Squared deviations, and x - x: 0, or NaN once the column holds a NaN/Inf.
+    C q[2] = {C(0), C(0)};
+    each_row([&](C xv) {
+      const C dev = (xv - shift) - center;
+      q[0] += dev * dev;
+      q[1] += xv - xv;
+    });
+    ColumnAllReduce(q, cg.w, red, parity);
+    C rstd = InvSqrt(q[0] * p.inv_d + p.eps);
+    if constexpr (sizeof(C) == sizeof(float)) {
+      const bool wide = cu.column && q[1] == C(0) && NeedsWideStats(mean, rstd);
+      if (BlockAny(wide, any_smem, any_parity)) {  // uniform over the CTA
+        double wmu = 0;
+        if (!p.rms) {
+          double s[1] = {0.0};
+          each_row_slowly([&](C xv) {
+            s[0] += static_cast<double>(xv) - static_cast<double>(shift);
+          });
+          ColumnAllReduce(s, cg.w, red_raw, parity);
+          wmu = static_cast<double>(shift) + s[0] / static_cast<double>(d);
+        }
+        double sq[1] = {0.0};
+        each_row_slowly([&](C xv) {
+          const double dev = static_cast<double>(xv) - wmu;
+          sq[0] += dev * dev;
+        });
+        ColumnAllReduce(sq, cg.w, red_raw, parity);
+        if (wide) {
+          const RowStats<C> w = FinishWideStats(wmu, sq[0], d, p.eps);
+          // Such columns may span more than float's range (x - shift
+          // overflows): their deviations are taken from the mean itself.
+          mean = center = w.mean;
+          rstd = w.rstd;
+          shift = C(0);
+        }
+      }
     }
-    C rstd = InvSqrt(sq * p.inv_d + p.eps);
-    if (NeedsWideStats(mean, rstd)) {
-      const RowStats<C> w = WideStats(xc, d, inner, p.rms, p.eps);
-      mean = w.mean;
-      rstd = w.rstd;
+    if (cu.column && ty == 0) {
+      if (p.mean) p.mean[cu.col] = mean;
+      p.rstd[cu.col] = rstd;
     }
-    if (p.mean) p.mean[c] = mean;
-    p.rstd[c] = rstd;
-    T* yc = p.y + base;
-    for (int64_t k = 0; k < d; ++k) {
+    T* yp = p.y + cu.first;
+    int64_t k = cu.k_begin;
+    each_row([&](C xv) {
       const C g = p.gamma ? static_cast<C>(Convert<U>::Widen(p.gamma[k])) : C(1);
       const C b = p.beta ? static_cast<C>(Convert<U>::Widen(p.beta[k])) : C(0);
-      yc[k * inner] = Convert<T>::Narrow((Convert<T>::Widen(xc[k * inner]) - mean) * rstd * g + b);
-    }
+      *yp = Convert<T>::Narrow(Normalize(xv - shift, center, rstd) * g + b);
+      yp += step;
+      k += cg.tr;
+    });
   }
 }
 
@@ -585,6 +800,7 @@ struct BackwardParams {
   T* dx;
   C* part_dgamma;  // [parts, d] or nullptr
   C* part_dbeta;   // [parts, d] or nullptr
+  C* col_sums;     // inner > 1 with D split: [chunks, rows, 2] chunk sums
   int64_t rows;
   int64_t d;
   int64_t inner;
@@ -729,29 +945,88 @@ __global__ void __launch_bounds__(kStreamBlock)
   }
 }
 
-// inner > 1: one thread per (outer, inner) column, two passes along D.
-template <typename T, typename U>
-__global__ void __launch_bounds__(kColumnBlock) BackwardColumnsKernel(BackwardParams<T, U> p) {
+// What a launch of BackwardColumnsKernel does to its units.
+enum ColumnPhase : int {
+  kColumnAll = 0,   // D in one chunk: the two sums over D, then dx
+  kColumnSums = 1,  // D split: the chunk's sums into p.col_sums
+  kColumnDx = 2,    // D split: the chunks' sums added, then the chunk's dx
+};
+
+// inner > 1: a CTA per (outer index, column tile, chunk of D) unit. With D
+// split, kColumnDx adds the chunks' sums of a column in a fixed order: chunk
+// c by thread row c % tr (in chunk order), then the thread rows as
+// ColumnAllReduce adds them. kVpt > 0 (kColumnAll only): xhat and dy * gamma
+// stay in registers between the passes.
+template <typename T, typename U, int kVpt>
+__global__ void __launch_bounds__(kMaxColumnBlock)
+    BackwardColumnsKernel(BackwardParams<T, U> p, ColumnGrid cg, int phase) {
   using C = ComputeT<T>;
-  const int64_t inner = p.inner, d = p.d;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < p.rows;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t o = c / inner;
-    const int64_t base = o * d * inner + (c - o * inner);
-    const C mu = p.mean ? p.mean[c] : C(0), rs = p.rstd[c];
-    C s0 = 0, s1 = 0;
-    for (int64_t k = 0; k < d; ++k) {
-      const C gm = p.gamma ? static_cast<C>(Convert<U>::Widen(p.gamma[k])) : C(1);
-      const C g = Convert<T>::Widen(p.dy[base + k * inner]) * gm;
-      s0 += g;
-      s1 += g * (Convert<T>::Widen(p.x[base + k * inner]) - mu) * rs;
+  __shared__ C red[2 * kMaxColumnBlock * 2];
+  int parity = 0;
+  const int tx = threadIdx.x % cg.w, ty = threadIdx.x / cg.w;
+  const int64_t d = p.d, inner = p.inner, step = static_cast<int64_t>(cg.tr) * inner;
+  for (int64_t u = blockIdx.x; u < cg.units; u += gridDim.x) {
+    const ColumnUnit cu = ColumnUnitOf(cg, u, d, inner, tx, ty);
+    const C mu = cu.column && p.mean ? p.mean[cu.col] : C(0);
+    const C rs = cu.column ? p.rstd[cu.col] : C(0);
+    C xh[kVpt > 0 ? kVpt : 1], gd[kVpt > 0 ? kVpt : 1];
+    // f(j, xhat, g = dy * gamma) over the thread's rows, from memory (and
+    // into registers when `keep`).
+    auto read_rows = [&](bool keep, auto&& f) {
+      const T* xp = p.x + cu.first;
+      const T* dyp = p.dy + cu.first;
+      int64_t k = cu.k_begin;
+      ForColumnRows<kVpt>(cu.rows, [&](int j) {
+        const C gm = p.gamma ? static_cast<C>(Convert<U>::Widen(p.gamma[k])) : C(1);
+        const C xhat = Normalize(static_cast<C>(Convert<T>::Widen(*xp)), mu, rs);
+        const C g = static_cast<C>(Convert<T>::Widen(*dyp)) * gm;
+        if constexpr (kVpt > 0) {
+          if (keep) {
+            xh[j] = xhat;
+            gd[j] = g;
+          }
+        }
+        f(xhat, g);
+        xp += step;
+        dyp += step;
+        k += cg.tr;
+      });
+    };
+    C s[2] = {C(0), C(0)};  // sum of g, sum of g * xhat
+    if (phase != kColumnDx) {
+      read_rows(true, [&](C xhat, C g) {
+        s[0] += g;
+        s[1] += g * xhat;
+      });
+      ColumnAllReduce(s, cg.w, red, parity);
+      if (phase == kColumnSums) {
+        if (cu.column && ty == 0) {
+          C* out = p.col_sums + (cu.chunk * p.rows + cu.col) * 2;
+          out[0] = s[0];
+          out[1] = s[1];
+        }
+        continue;  // uniform: the phase is the launch's
+      }
+    } else {
+      if (cu.column && ty < cg.tr) {
+        for (int64_t c = ty; c < cg.chunks; c += cg.tr) {
+          const C* in = p.col_sums + (c * p.rows + cu.col) * 2;
+          s[0] += in[0];
+          s[1] += in[1];
+        }
+      }
+      ColumnAllReduce(s, cg.w, red, parity);
     }
-    const C mean_g = p.rms ? C(0) : s0 * p.inv_d, mean_gx = s1 * p.inv_d;
-    for (int64_t k = 0; k < d; ++k) {
-      const C gm = p.gamma ? static_cast<C>(Convert<U>::Widen(p.gamma[k])) : C(1);
-      const C g = Convert<T>::Widen(p.dy[base + k * inner]) * gm;
-      const C xhat = (Convert<T>::Widen(p.x[base + k * inner]) - mu) * rs;
-      p.dx[base + k * inner] = Convert<T>::Narrow(rs * (g - mean_g - xhat * mean_gx));
+    const C mean_g = p.rms ? C(0) : s[0] * p.inv_d, mean_gx = s[1] * p.inv_d;
+    T* dxp = p.dx + cu.first;
+    auto write = [&](C xhat, C g) {
+      *dxp = Convert<T>::Narrow(rs * (g - mean_g - xhat * mean_gx));
+      dxp += step;
+    };
+    if constexpr (kVpt > 0) {  // kColumnAll: the rows are in registers
+      ForColumnRows<kVpt>(cu.rows, [&](int j) { write(xh[j], gd[j]); });
+    } else {
+      read_rows(false, write);
     }
   }
 }
@@ -793,47 +1068,57 @@ __global__ void __launch_bounds__(kTileCols* kTileRows)
   }
 }
 
-// dgamma/dbeta partials for inner > 1: CTA (index along D, outer slice) sums
-// the slice's (outer, inner) elements of that index.
+// dgamma/dbeta partials for inner > 1: CTA (block of tr indices along D,
+// slice of the flattened (outer, inner) columns j = o * inner + i) ->
+// part[slice, k]. Thread (tx, ty) sums index k = block * tr + ty over the
+// slice's columns j0 + tx, j0 + tx + w, ...: with w the column tiles' width,
+// a warp reads 32 / w rows of w adjacent columns (coalesced along inner).
+// The element index advances by fixed steps with a carry at the end of an
+// outer index: no division per element. The w lanes of a row are added by a
+// xor butterfly (fixed order).
 template <typename T>
 __global__ void __launch_bounds__(kColumnBlock)
     ParamGradColumnsKernel(const T* __restrict__ dy, const T* __restrict__ x,
                            const ComputeT<T>* __restrict__ mean,
-                           const ComputeT<T>* __restrict__ rstd, int64_t outer, int64_t d,
-                           int64_t inner, int64_t outer_per_slice, ComputeT<T>* part_dgamma,
-                           ComputeT<T>* part_dbeta) {
+                           const ComputeT<T>* __restrict__ rstd, int64_t rows, int64_t d,
+                           int64_t inner, int w, int tr, int64_t slice_cols,
+                           ComputeT<T>* part_dgamma, ComputeT<T>* part_dbeta) {
   using C = ComputeT<T>;
-  __shared__ C red[2][kColumnBlock];
-  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * outer_per_slice;
-  const int64_t o1 = o0 + outer_per_slice < outer ? o0 + outer_per_slice : outer;
-  const int64_t n = (o1 > o0 ? o1 - o0 : 0) * inner;
-  for (int64_t k = blockIdx.x; k < d; k += gridDim.x) {
+  const int tx = threadIdx.x % w, ty = threadIdx.x / w;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * slice_cols;
+  const int64_t j1 = j0 + slice_cols < rows ? j0 + slice_cols : rows;
+  const int64_t plane = d * inner;
+  // j += w moves i by w % inner and o by w / inner, plus a carry.
+  const int64_t step_i = w % inner, step_idx = (w / inner) * plane + step_i;
+  const int64_t o0 = (j0 + tx) / inner, i0 = j0 + tx - o0 * inner;
+  for (int64_t kb = blockIdx.x; kb * tr < d; kb += gridDim.x) {
+    const int64_t k = kb * tr + ty;
     C ag = 0, ab = 0;
-    for (int64_t t = threadIdx.x; t < n; t += blockDim.x) {
-      const int64_t o = o0 + t / inner;
-      const int64_t i = t % inner;
-      const int64_t idx = (o * d + k) * inner + i;
-      const int64_t st = o * inner + i;
-      const C dyv = Convert<T>::Widen(dy[idx]);
-      const C mu = mean ? mean[st] : C(0);
-      ag += dyv * (Convert<T>::Widen(x[idx]) - mu) * rstd[st];
-      ab += dyv;
-    }
-    red[0][threadIdx.x] = ag;
-    red[1][threadIdx.x] = ab;
-    __syncthreads();
-    for (int s = kColumnBlock / 2; s > 0; s /= 2) {
-      if (threadIdx.x < s) {
-        red[0][threadIdx.x] += red[0][threadIdx.x + s];
-        red[1][threadIdx.x] += red[1][threadIdx.x + s];
+    if (k < d) {
+      int64_t i = i0, idx = o0 * plane + k * inner + i0;
+#pragma unroll 2
+      for (int64_t j = j0 + tx; j < j1; j += w) {
+        const C dyv = Convert<T>::Widen(dy[idx]);
+        ag += dyv * Normalize(static_cast<C>(Convert<T>::Widen(x[idx])), mean ? mean[j] : C(0),
+                              rstd[j]);
+        ab += dyv;
+        i += step_i;
+        idx += step_idx;
+        if (i >= inner) {
+          i -= inner;
+          idx += plane - inner;
+        }
       }
-      __syncthreads();
     }
-    if (threadIdx.x == 0) {
-      if (part_dgamma) part_dgamma[blockIdx.y * d + k] = red[0][0];
-      if (part_dbeta) part_dbeta[blockIdx.y * d + k] = red[1][0];
+    for (int offset = w / 2; offset > 0; offset /= 2) {
+      ag += __shfl_xor_sync(0xffffffffu, ag, offset);
+      ab += __shfl_xor_sync(0xffffffffu, ab, offset);
     }
-    __syncthreads();  // red is rewritten for the next k
+    if (tx == 0 && k < d) {
+      const int64_t at = static_cast<int64_t>(blockIdx.y) * d + k;
+      if (part_dgamma) part_dgamma[at] = ag;
+      if (part_dbeta) part_dbeta[at] = ab;
+    }
   }
 }
 
@@ -1028,6 +1313,66 @@ Result DispatchVpt(int vpt, F&& f) {
   return Invalid("internal error: no register kernel for this row width");
 }
 
+// Calls f(std::integral_constant<int, vpt>) for the column kernels' rows per
+// thread in registers: 0 (streamed), kColumnFewRows or kColumnCachedRows.
+template <typename F>
+Result DispatchColumnVpt(int vpt, F&& f) {
+  switch (vpt) {
+    case 0:
+      return f(std::integral_constant<int, 0>{});
+    case kColumnFewRows:
+      return f(std::integral_constant<int, kColumnFewRows>{});
+    case kColumnCachedRows:
+      return f(std::integral_constant<int, kColumnCachedRows>{});
+  }
+  return Invalid("internal error: no column kernel for this row count");
+}
+
+int64_t RoundUp(int64_t a, int64_t b) { return CeilDiv(a, b) * b; }
+
+// How the column kernels (inner > 1) cover [outer, D, inner].
+struct ColumnsPlan {
+  ColumnGrid grid;
+  int block = 0;  // threads per CTA: w * tr rounded up to whole warps
+  int vpt = 0;    // rows per thread held in registers (template parameter)
+};
+
+// Tiles of w = min(kColumnTileCols, next power of two of inner) columns; a
+// CTA of kColumnBlock threads, grown along D (up to kMaxColumnBlock) while
+// the (outer, tile) units cannot fill the device. `split` (the backward,
+// which has a workspace for the chunk sums): D is then also cut into chunks
+// of at least kColumnMinChunkRowsPerThread rows per thread, one CTA each,
+// until the grid fills the device. A function of the shape and the SM count.
+ColumnsPlan PlanColumns(const Geometry& g, const Device& dev, bool split) {
+  ColumnsPlan plan;
+  ColumnGrid& cg = plan.grid;
+  const int64_t d = g.norm;
+  cg.w = NextPow2(std::min<int64_t>(g.inner, kColumnTileCols));
+  cg.tiles = CeilDiv(g.inner, cg.w);
+  const int64_t units = g.outer * cg.tiles;
+  const int64_t fill = int64_t{kColumnFillThreadsPerSm} * dev.sms;
+  int tr = kColumnBlock / cg.w;
+  while (2 * tr * cg.w <= kMaxColumnBlock && units * cg.w * tr < fill && tr < d) tr *= 2;
+  cg.tr = static_cast<int>(std::min<int64_t>(tr, d));
+  plan.block = static_cast<int>(RoundUp(int64_t{cg.w} * cg.tr, kWarp));
+  cg.chunks = 1;
+  const int64_t threads = units * plan.block;
+  if (split && threads < fill) {
+    const int64_t most = d / (int64_t{cg.tr} * kColumnMinChunkRowsPerThread);
+    cg.chunks = std::max<int64_t>(1, std::min(most, CeilDiv(fill, threads)));
+  }
+  cg.chunk_rows = CeilDiv(d, cg.chunks);
+  cg.chunks = CeilDiv(d, cg.chunk_rows);
+  cg.units = units * cg.chunks;
+  const int64_t per_thread = CeilDiv(cg.chunk_rows, cg.tr);
+  // Registers pay only when one kernel makes all the passes (no split).
+  plan.vpt = cg.chunks > 1                      ? 0
+             : per_thread <= kColumnFewRows    ? kColumnFewRows
+             : per_thread <= kColumnCachedRows ? kColumnCachedRows
+                                               : 0;
+  return plan;
+}
+
 // ---------------------------------------------------------------------------
 // Forward
 
@@ -1078,11 +1423,14 @@ Result Forward(const ForwardArgs& a, cudaStream_t stream) {
   p.inv_d = C(1) / static_cast<C>(g.norm);
 
   if (g.inner > 1) {
-    int grid = 0;
-    TFLN_RETURN_IF_ERROR(PersistentGrid(ForwardColumnsKernel<T, U>, kColumnBlock, dev,
-                                        CeilDiv(rows, kColumnBlock), &grid));
-    ForwardColumnsKernel<T, U><<<grid, kColumnBlock, 0, stream>>>(p);
-    return LastLaunch();
+    const ColumnsPlan plan = PlanColumns(g, dev, /*split=*/false);
+    return DispatchColumnVpt(plan.vpt, [&](auto vpt) {
+      auto kernel = ForwardColumnsKernel<T, U, decltype(vpt)::value>;
+      int grid = 0;
+      TFLN_RETURN_IF_ERROR(PersistentGrid(kernel, plan.block, dev, plan.grid.units, &grid));
+      kernel<<<grid, plan.block, 0, stream>>>(p, plan.grid);
+      return LastLaunch();
+    });
   }
   const bool vec = g.norm % N == 0 && PackAligned<T, N>(p.x) && PackAligned<T, N>(p.y) &&
                    PackAligned<U, N>(p.gamma) && PackAligned<U, N>(p.beta);
@@ -1108,12 +1456,15 @@ struct BackwardPlan {
   BackwardPath path = BackwardPath::kRegisters;
   RowsPlan rows;
   bool vec = false;
+  ColumnsPlan columns;     // columns path: the dx kernel's tiles
   int grid = 0;            // CTAs of the dx kernel
   int64_t parts = 0;       // rows of the dgamma/dbeta partials
-  int64_t slice = 0;       // rows (streaming) or outer indices (columns) per partial
+  int64_t slice = 0;       // rows (streaming) or flattened columns (columns) per partial
   int64_t reduce_x = 0;    // gridDim.x of the partial kernel (columns path)
+  int reduce_tr = 0;       // indices along D per partial CTA (columns path)
   int64_t part_elems = 0;  // elements of one partial buffer: parts * D
   int buffers = 0;         // partial buffers wanted: dgamma and/or dbeta
+  int64_t col_sum_elems = 0;  // columns path with D split: chunks * rows * 2
   size_t workspace_bytes = 0;
 };
 
@@ -1136,13 +1487,25 @@ Result PlanBackward(const BackwardArgs& a, const Device& dev, BackwardPlan* plan
   if (rows == 0 || d == 0) return Result();  // nothing to reduce
   if (g.inner > 1) {
     plan->path = BackwardPath::kColumns;
-    TFLN_RETURN_IF_ERROR(PersistentGrid(BackwardColumnsKernel<T, U>, kColumnBlock, dev,
-                                        CeilDiv(rows, kColumnBlock), &plan->grid));
+    const ColumnsPlan& cp = plan->columns = PlanColumns(g, dev, /*split=*/true);
+    TFLN_RETURN_IF_ERROR(DispatchColumnVpt(cp.vpt, [&](auto vpt) {
+      return PersistentGrid(BackwardColumnsKernel<T, U, decltype(vpt)::value>, cp.block, dev,
+                            cp.grid.units, &plan->grid);
+    }));
+    if (cp.grid.chunks > 1) plan->col_sum_elems = cp.grid.chunks * rows * 2;
+    // dgamma/dbeta: CTAs of w columns x reduce_tr indices along D (whole
+    // warps), the flattened columns cut into slices until the grid fills the
+    // device a few times.
+    const int w = cp.grid.w;
+    plan->reduce_tr =
+        static_cast<int>(std::min<int64_t>(kColumnBlock / w, RoundUp(d, kWarp / w)));
+    const int64_t d_blocks = CeilDiv(d, plan->reduce_tr);
+    plan->reduce_x = std::min<int64_t>(d_blocks, 1 << 20);
     const int64_t target = int64_t{kReduceCtasPerSm} * dev.sms;
-    plan->reduce_x = std::min<int64_t>(d, 1 << 20);
-    const int64_t slices = std::min<int64_t>(g.outer, std::max<int64_t>(1, CeilDiv(target, d)));
-    plan->slice = CeilDiv(g.outer, slices);
-    plan->parts = CeilDiv(g.outer, plan->slice);
+    const int64_t slices = std::min<int64_t>(std::min<int64_t>(CeilDiv(rows, w), 65535),
+                                             std::max<int64_t>(1, CeilDiv(target, d_blocks)));
+    plan->slice = RoundUp(CeilDiv(rows, slices), w);
+    plan->parts = CeilDiv(rows, plan->slice);
   } else {
     plan->vec = d % N == 0 && PackAligned<T, N>(a.x) && PackAligned<T, N>(a.dy) &&
                 PackAligned<T, N>(a.dx) && PackAligned<U, N>(a.gamma);
@@ -1163,7 +1526,8 @@ Result PlanBackward(const BackwardArgs& a, const Device& dev, BackwardPlan* plan
     }
   }
   plan->part_elems = plan->parts * d;
-  plan->workspace_bytes = static_cast<size_t>(plan->part_elems) * plan->buffers * sizeof(C);
+  plan->workspace_bytes =
+      static_cast<size_t>(plan->part_elems * plan->buffers + plan->col_sum_elems) * sizeof(C);
   return Result();
 }
 
@@ -1218,6 +1582,7 @@ Result Backward(const BackwardArgs& a, cudaStream_t stream) {
   C* ws = static_cast<C*>(a.workspace);
   C* part_dgamma = a.dgamma ? ws : nullptr;
   C* part_dbeta = a.dbeta ? ws + (a.dgamma ? plan.part_elems : 0) : nullptr;
+  C* col_sums = plan.col_sum_elems > 0 ? ws + plan.part_elems * plan.buffers : nullptr;
 
   BackwardParams<T, U> p;
   p.dy = static_cast<const T*>(a.dy);
@@ -1229,6 +1594,7 @@ Result Backward(const BackwardArgs& a, cudaStream_t stream) {
   p.dx = static_cast<T*>(a.dx);
   p.part_dgamma = part_dgamma;
   p.part_dbeta = part_dbeta;
+  p.col_sums = col_sums;
   p.rows = rows;
   p.d = d;
   p.inner = g.inner;
@@ -1253,15 +1619,28 @@ Result Backward(const BackwardArgs& a, cudaStream_t stream) {
             p.dy, p.x, p.mean, p.rstd, rows, d, plan.slice, part_dgamma, part_dbeta);
       }
       break;
-    case BackwardPath::kColumns:
-      BackwardColumnsKernel<T, U><<<plan.grid, kColumnBlock, 0, stream>>>(p);
-      if (plan.buffers > 0) {
+    case BackwardPath::kColumns: {
+      const ColumnsPlan& cp = plan.columns;
+      TFLN_RETURN_IF_ERROR(DispatchColumnVpt(cp.vpt, [&](auto vpt) {
+        auto kernel = BackwardColumnsKernel<T, U, decltype(vpt)::value>;
+        if (cp.grid.chunks == 1) {
+          kernel<<<plan.grid, cp.block, 0, stream>>>(p, cp.grid, kColumnAll);
+          return LastLaunch();
+        }
+        kernel<<<plan.grid, cp.block, 0, stream>>>(p, cp.grid, kColumnSums);
         TFLN_RETURN_IF_ERROR(LastLaunch());
+        kernel<<<plan.grid, cp.block, 0, stream>>>(p, cp.grid, kColumnDx);
+        return LastLaunch();
+      }));
+      if (plan.buffers > 0) {
+        const int w = cp.grid.w;
         const dim3 grid(static_cast<unsigned>(plan.reduce_x), static_cast<unsigned>(plan.parts));
-        ParamGradColumnsKernel<T><<<grid, kColumnBlock, 0, stream>>>(
-            p.dy, p.x, p.mean, p.rstd, g.outer, d, g.inner, plan.slice, part_dgamma, part_dbeta);
+        ParamGradColumnsKernel<T><<<grid, w * plan.reduce_tr, 0, stream>>>(
+            p.dy, p.x, p.mean, p.rstd, rows, d, g.inner, w, plan.reduce_tr, plan.slice,
+            part_dgamma, part_dbeta);
       }
       break;
+    }
   }
   TFLN_RETURN_IF_ERROR(LastLaunch());
   if (plan.buffers == 0) return Result();

@@ -92,12 +92,14 @@ struct BackwardArgs {
 // y, mean, rstd = LayerNorm(x) over D.
 Result LayerNormForward(const ForwardArgs& args, Stream stream);
 
-// Scratch the backward needs for deterministic dgamma/dbeta partials on the
+// Scratch the backward needs for deterministic dgamma/dbeta partials and,
+// for inner > 1 with D split across CTAs, per-chunk column sums, on the
 // current CUDA device (it depends on the device's SM count, never on timing).
 Result LayerNormBackwardWorkspaceBytes(const BackwardArgs& args, size_t* bytes);
 
-// dx, dgamma, dbeta. dgamma/dbeta are reduced over outer and inner in a fixed
-// order: bitwise repeatable for a given device and shape.
+// dx, dgamma, dbeta. dgamma/dbeta are reduced over outer and inner, and for
+// inner > 1 dx's sums over D, in a fixed order: bitwise repeatable for a
+// given device (SM count) and shape.
 Result LayerNormBackward(const BackwardArgs& args, Stream stream);
 
 // Whether the output may share the input's buffer (y with x, dx with dy), so

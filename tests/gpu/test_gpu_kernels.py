@@ -118,10 +118,29 @@ def _emu_grid():
         cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt, scale=scale,
                           center=False, rms=True))
     for dt, (outer, d, inner), rms in itertools.product(
-            ["float32", "bfloat16"], [(9, 64, 1), (9, 1024, 1), (2, 20000, 1), (4, 100, 9)],
+            ["float32", "bfloat16"], [(9, 64, 1), (9, 1024, 1), (2, 20000, 1), (4, 100, 9),
+                                      (1, 2048, 9)],
             [False, True]):
         cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt, center=not rms,
                           rms=rms, x_scale=1e30))
+    # Column tiles (inner > 1; tiles of w = min(32, pow2 >= inner) columns, 256
+    # to 512 threads with D over the thread rows): D == 1; D below the thread
+    # rows with a partial last tile (77 = 2 x 32 + 13); 16 rows per thread in
+    # registers with a 40 = 32 + 8 tile edge; w = 2 with the CTA grown along D;
+    # many small units (persistent loop); outer == 1 with D split across CTAs
+    # in the backward and a one-column last tile (33); a column holding a
+    # NaN/Inf (the Inf case's -Inf is its column's first element, the mean's
+    # shift). The 1-SM device of test_emu_case_one_block_device takes other
+    # plans for the same shapes (no CTA growth, no split).
+    for dt, (outer, d, inner) in itertools.product(
+            DTYPE_NAMES + ["float64"], [(3, 1, 40), (4, 5, 77), (2, 200, 40), (2, 2048, 2)]):
+        cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt))
+    for dt, (outer, d, inner) in itertools.product(
+            ["float32", "bfloat16"], [(64, 16, 8), (1, 4096, 33)]):
+        cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt))
+    for dt, kind in itertools.product(["float32", "bfloat16"], ["nan", "inf"]):
+        cases.append(dict(base, outer=3, d=64, inner=40, dtype=dt, nan=kind))
+    cases.append(dict(base, outer=2, d=300, inner=17, dtype="float32", center=False, rms=True))
     return cases
 
 
@@ -135,6 +154,11 @@ def _special_grid():
         # +-2e38 alternating: squares and products overflow float unless taken in order.
         cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt, center=not rms,
                           rms=rms, pattern="pm2e38"))
+    for (outer, d, inner) in [(2, 64, 3), (1, 1024, 5)]:
+        # One +2e38 in eight, -2e38 elsewhere: x - mean overflows float for the
+        # +2e38 elements (mean -1.5e38), though xhat is about 2.6.
+        cases.append(dict(base, outer=outer, d=d, inner=inner, dtype="float32",
+                          pattern="skew2e38"))
     for dt, (outer, d, inner) in itertools.product(
             ["float32", "float16", "bfloat16"], [(3, 4, 1), (3, 1024, 1), (2, 20000, 1),
                                                  (2, 8, 3)]):
@@ -228,6 +252,8 @@ def _inputs(c, dev, n, dt):
     if pattern == "pm2e38":
         sign = torch.where(torch.arange(n) % 2 == 0, -1.0, 1.0).double()
         x64 = sign * 2e38
+    elif pattern == "skew2e38":
+        x64 = torch.where(torch.arange(n) % 8 == 0, 1.0, -1.0).double() * 2e38
     elif pattern == "constant":
         x64 = torch.arange(outer * inner, dtype=torch.float64).repeat_interleave(d) \
             .view(outer, inner, d).transpose(1, 2).reshape(-1) * 0.5 - 1.0
@@ -236,7 +262,7 @@ def _inputs(c, dev, n, dt):
     else:
         x64 = (torch.randn(n, generator=g, dtype=torch.float64) * 2 + 0.5) * c.get("x_scale", 1.0)
     dy64 = torch.randn(n, generator=g, dtype=torch.float64)
-    if pattern == "pm2e38":
+    if pattern in ("pm2e38", "skew2e38"):
         dy64 = torch.full((n,), 2.0, dtype=torch.float64)
     if c["nan"] and outer > 2:
         v = float("nan") if c["nan"] in (True, "nan") else float("inf")
