@@ -7,10 +7,21 @@ built with the ABI, C++ standard and Eigen alignment of the TF that loads it.
     python configure.py            # auto-detect everything
     python configure.py --offline  # force the offline overrides (Debian Bazel 4.2.3)
 
-CUDA: on by default when a toolkit is found (CUDA_HOME or CUDA_PATH, else nvcc
-on PATH). TF_LAYERNORM_NEED_CUDA=0 (or --no-cuda) builds CPU only;
+CUDA (--cuda, or TF_LAYERNORM_CUDA_COMPILER):
+  clang  (default) clang >= 17 (clang++-19 from apt: scripts/setup.sh installs
+         it) compiles the kernels against CUDA 12.9 pieces from NVIDIA's pinned
+         pip wheels (third_party/cuda12/wheels.json), as TensorFlow itself is
+         built: code for the CUDA 12 runtime TensorFlow 2.21 uses, drivers
+         >= 525.60. The wheels are kept in TF_LAYERNORM_CUDA_WHEELS (default
+         ~/.cache/tf_layernorm/cuda12-wheels); Bazel fetches a missing one
+         with pip. TF_LAYERNORM_CLANG names the clang++ to use.
+  nvcc   a local toolkit (CUDA_HOME or CUDA_PATH, else nvcc on PATH), e.g.
+         CUDA 13 for native sm_100/sm_120 cubins; needs that toolkit's driver.
+  off    CPU only (also --no-cuda or TF_LAYERNORM_NEED_CUDA=0).
+Without --cuda, clang is used when found, else the build is CPU only (said).
 TF_LAYERNORM_CUDA_ARCHS="75;80;86;89;90" overrides the SASS architectures
-(PTX of the newest is added for forward compatibility).
+(PTX of the newest is added for forward compatibility);
+TF_LAYERNORM_PTX_ISA=80 the PTX ISA clang emits (8.0: drivers >= 525 JIT it).
 """
 import argparse
 import os
@@ -24,6 +35,10 @@ DEBIAN_RULES_JAVA = "/usr/share/bazel/rules/java"
 # sm_75 (Turing, the oldest CUDA 13 supports) through Hopper, plus Blackwell
 # where the toolkit knows it. Each is a SASS build; PTX of the newest follows.
 DEFAULT_CUDA_ARCHS = [75, 80, 86, 89, 90, 100, 120]
+# clang 19's newest arch is sm_90a; Blackwell runs the compute_90 PTX.
+DEFAULT_CLANG_CUDA_ARCHS = [75, 80, 86, 89, 90]
+MIN_CLANG = 17  # CUDA 12 headers, --cuda-feature=+ptxNN
+CLANG_NAMES = ["clang++-19", "clang++-20", "clang++-18", "clang++-17", "clang++"]
 
 
 # --config=asan: AddressSanitizer + UndefinedBehaviorSanitizer build of the
@@ -87,11 +102,44 @@ def find_cuda_home():
     return None
 
 
-def cuda_archs(home):
-    """Requested (or default) archs that this nvcc can build."""
+def find_clang():
+    """(path, major version) of a clang++ that compiles CUDA 12, or (None, why)."""
+    names = [os.environ["TF_LAYERNORM_CLANG"]] if os.environ.get("TF_LAYERNORM_CLANG") else CLANG_NAMES
+    seen = []
+    for name in names:
+        path = shutil.which(name)
+        if not path:
+            continue
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
+        m = re.search(r"clang version (\d+)\.", out)
+        major = int(m.group(1)) if m else 0
+        if major >= MIN_CLANG:
+            return os.path.abspath(path), major
+        seen.append("%s (%s)" % (path, major or "unknown version"))
+    return None, "no clang++ >= %d (%s)" % (MIN_CLANG, ", ".join(seen) if seen else "none on PATH")
+
+
+def wheels_dir():
+    d = os.environ.get("TF_LAYERNORM_CUDA_WHEELS")
+    if not d:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        d = os.path.join(cache, "tf_layernorm", "cuda12-wheels")
+    d = os.path.abspath(d)
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def requested_archs(default):
     requested = os.environ.get("TF_LAYERNORM_CUDA_ARCHS")
     if requested:
         return [int(a) for a in re.split(r"[;, ]+", requested.strip()) if a]
+    return default
+
+
+def cuda_archs(home):
+    """Requested (or default) archs that this nvcc can build."""
+    if os.environ.get("TF_LAYERNORM_CUDA_ARCHS"):
+        return requested_archs(None)
     out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--list-gpu-code"],
                          capture_output=True, text=True, check=False).stdout
     known = {int(m) for m in re.findall(r"sm_(\d+)", out)}
@@ -119,8 +167,11 @@ def main():
                    help="point rules_java/rules_cc at local copies (no network)")
     p.add_argument("--no-offline", dest="offline", action="store_false")
     p.add_argument("--bazel", default=os.environ.get("BAZEL", "bazel"))
-    p.add_argument("--no-cuda", dest="cuda", action="store_false", default=None,
-                   help="build the CPU kernels only, even when a CUDA toolkit is found")
+    p.add_argument("--cuda", choices=["clang", "nvcc", "off"],
+                   default=os.environ.get("TF_LAYERNORM_CUDA_COMPILER") or None,
+                   help="how the GPU kernels are built (default: clang when found, else off)")
+    p.add_argument("--no-cuda", dest="cuda", action="store_const", const="off",
+                   help="build the CPU kernels only (same as --cuda=off)")
     args = p.parse_args()
 
     try:
@@ -150,17 +201,45 @@ def main():
         "build --spawn_strategy=standalone",
         "build --strategy=Genrule=standalone",
     ]
-    need_cuda = args.cuda if args.cuda is not None else \
-        os.environ.get("TF_LAYERNORM_NEED_CUDA", "1") != "0"
-    cuda_home = find_cuda_home() if need_cuda else None
-    if cuda_home:
+    mode = args.cuda
+    if os.environ.get("TF_LAYERNORM_NEED_CUDA") == "0" and mode is None:
+        mode = "off"
+    cuda_note = "off"
+    if mode in (None, "clang"):
+        clang, clang_major = find_clang()
+        if clang:
+            archs = requested_archs(DEFAULT_CLANG_CUDA_ARCHS)
+            ptx_isa = os.environ.get("TF_LAYERNORM_PTX_ISA", "80")
+            lines += [
+                "build --action_env=TF_LAYERNORM_NEED_CUDA=1",
+                "build --action_env=TF_LAYERNORM_CUDA_COMPILER=clang",
+                "build --action_env=TF_LAYERNORM_CLANG=%s" % clang,
+                "build --action_env=TF_LAYERNORM_CUDA_WHEELS=%s" % wheels_dir(),
+                "build --action_env=TF_LAYERNORM_CUDA_ARCHS=%s" % ",".join(map(str, archs)),
+                "build --action_env=TF_LAYERNORM_PTX_ISA=%s" % ptx_isa,
+            ]
+            cuda_note = "CUDA 12 via %s (clang %d) sm_%s, PTX ISA %s.%s" % (
+                clang, clang_major, ",".join(map(str, archs)), ptx_isa[:-1], ptx_isa[-1:])
+        elif mode == "clang":
+            sys.exit("configure: --cuda=clang: %s. Install clang-19 (apt-get install clang-19 "
+                     "lld-19; scripts/setup.sh does) or set TF_LAYERNORM_CLANG." % clang_major)
+        else:
+            print("configure: %s: building the CPU kernels only (apt-get install clang-19 for "
+                  "the CUDA 12 kernels, or --cuda=nvcc for a local CUDA toolkit)" % clang_major)
+            mode = "off"
+    elif mode == "nvcc":
+        cuda_home = find_cuda_home()
+        if not cuda_home:
+            sys.exit("configure: --cuda=nvcc: no CUDA toolkit (set CUDA_HOME or put nvcc on PATH)")
         archs = cuda_archs(cuda_home)
         lines += [
             "build --action_env=TF_LAYERNORM_NEED_CUDA=1",
+            "build --action_env=TF_LAYERNORM_CUDA_COMPILER=nvcc",
             "build --action_env=TF_LAYERNORM_CUDA_HOME=%s" % cuda_home,
             "build --action_env=TF_LAYERNORM_CUDA_ARCHS=%s" % ",".join(map(str, archs)),
         ]
-    else:
+        cuda_note = "nvcc in %s sm_%s" % (cuda_home, ",".join(map(str, archs)))
+    if mode == "off":
         lines.append("build --action_env=TF_LAYERNORM_NEED_CUDA=0")
     for flag in compile_flags:
         if flag.startswith("-I"):
@@ -191,9 +270,8 @@ def main():
     lines.append("try-import %workspace%/.bazelrc.local")
     with open(os.path.join(ROOT, ".bazelrc"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("configure: wrote .bazelrc for TensorFlow %s (bazel %s, offline=%s, CUDA %s)"
-          % (tf.__version__, major if major is not None else "?", offline,
-             "%s sm_%s" % (cuda_home, ",".join(map(str, archs))) if cuda_home else "off"))
+    print("configure: wrote .bazelrc for TensorFlow %s (bazel %s, offline=%s, CUDA: %s)"
+          % (tf.__version__, major if major is not None else "?", offline, cuda_note))
 
 
 if __name__ == "__main__":
