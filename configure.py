@@ -103,20 +103,25 @@ def find_cuda_home():
 
 
 def find_clang():
-    """(path, major version) of a clang++ that compiles CUDA 12, or (None, why)."""
-    names = [os.environ["TF_LAYERNORM_CLANG"]] if os.environ.get("TF_LAYERNORM_CLANG") else CLANG_NAMES
+    """(path, major version) of a clang++ that compiles CUDA 12, or (None, why).
+    TF_LAYERNORM_CLANG, when set, must be one: anything else is an error."""
+    explicit = os.environ.get("TF_LAYERNORM_CLANG")
     seen = []
-    for name in names:
+    for name in [explicit] if explicit else CLANG_NAMES:
         path = shutil.which(name)
         if not path:
+            seen.append("%s: not found" % name)
             continue
         out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
         m = re.search(r"clang version (\d+)\.", out)
         major = int(m.group(1)) if m else 0
         if major >= MIN_CLANG:
             return os.path.abspath(path), major
-        seen.append("%s (%s)" % (path, major or "unknown version"))
-    return None, "no clang++ >= %d (%s)" % (MIN_CLANG, ", ".join(seen) if seen else "none on PATH")
+        seen.append("%s: %s" % (path, "clang %d" % major if major else "not a clang"))
+    why = "no clang++ >= %d (%s)" % (MIN_CLANG, "; ".join(seen))
+    if explicit:
+        sys.exit("configure: TF_LAYERNORM_CLANG=%s: %s" % (explicit, why))
+    return None, why
 
 
 def wheels_dir():

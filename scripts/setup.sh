@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh machine, idempotently, reusing what is built:
-#   1. Bazel (Debian's bazel-bootstrap + bazel-rules-java) if no bazel is on PATH;
+#   1. Bazel (Debian's bazel-bootstrap + bazel-rules-java) if no bazel is on PATH,
+#      and clang-19 (the CUDA 12 kernels' compiler, see configure.py) unless a
+#      CPU-only or nvcc build is asked for;
 #   2. a virtualenv .venv with the pinned TensorFlow/Keras (requirements*.txt);
 #   3. python configure.py (writes .bazelrc from tf.sysconfig);
 #   4. bazel build of the op library, the platform wheel in dist/, installed in .venv.
@@ -24,6 +26,21 @@ elif [[ ! -d /usr/share/bazel/rules/java ]] && "${BAZEL:-bazel}" --version 2>/de
   log "installing bazel-rules-java (Debian Bazel builds offline with it)"
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q bazel-rules-java
+fi
+
+# The GPU kernels: clang compiles them against NVIDIA's CUDA 12 wheels, which
+# Bazel fetches (pip) and checks itself. No clang >= 17: install Debian's 19.
+CUDA_MODE="${TF_LAYERNORM_CUDA_COMPILER:-clang}"
+[[ "${TF_LAYERNORM_NEED_CUDA:-1}" == 0 ]] && CUDA_MODE=off
+have_clang() {
+  local c
+  for c in clang++-19 clang++-20 clang++-18 clang++-17; do command -v "$c" >/dev/null && return 0; done
+  return 1
+}
+if [[ "$CUDA_MODE" == clang && -z "${TF_LAYERNORM_CLANG:-}" ]] && ! have_clang; then
+  log "installing clang-19 (compiles the CUDA 12 kernels)"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q clang-19 lld-19
 fi
 
 # 2. Python environment -------------------------------------------------------

@@ -2,14 +2,21 @@
 small C ABI (tests/gpu/harness_capi.cc), called with ctypes on PyTorch tensors.
 
 Two builds of the same source, one set of cases (test_gpu_kernels.py):
-  gpu: nvcc, for the current GPU; PyTorch CUDA tensors on PyTorch's stream.
-       A GPU test machine has nvcc and PyTorch but no TensorFlow: this is how
-       the kernels the TF op launches get verified there.
+  gpu: PyTorch CUDA tensors on PyTorch's stream. The library is, in order:
+       the shipped object: `tests/gpu/run_device.sh --prebuild` (here, with
+         Bazel) links harness_capi.cc with //cc:layer_norm_gpu.cu.pic.o, the
+         very object in the wheel (clang, CUDA 12.9 runtime, every arch), and
+         records the sources' hash: used while the sources match;
+       else nvcc on the GPU machine, for its GPU (TFLN_HARNESS_COMPILER=nvcc
+         forces this). A GPU test machine has nvcc and PyTorch but no
+         TensorFlow and no Bazel: this is how the kernels the TF op launches
+         get verified there.
   emu: g++ through the SIMT emulator (tests/gpu/emu): every CUDA thread a
        fiber, on the CPU, on PyTorch CPU tensors. Runs on any machine (CI).
 """
 import ctypes
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -67,12 +74,70 @@ def _arch():
     return "%d%d" % (major, minor)
 
 
-def build():
-    """Compiles the harness library for the current GPU (cached by source hash)."""
+PREBUILT = os.path.join(BUILD_DIR, "libtfln_harness_shipped.so")
+
+
+def _sources_hash():
     h = hashlib.sha256()
     for path in SOURCES + HEADERS:
         with open(path, "rb") as f:
             h.update(f.read())
+    return h
+
+
+def install_prebuilt(lib, build_info):
+    """Copies the Bazel-linked harness (the wheel's GPU object) to PREBUILT,
+    with what it was built from; returns the record."""
+    with open(build_info) as f:
+        info = json.load(f)
+    if not info.get("cuda"):
+        raise SystemExit("install_prebuilt: %s says the build has no CUDA" % build_info)
+    with open(lib, "rb") as f:
+        lib_sha = hashlib.sha256(f.read()).hexdigest()
+    record = {"sources_sha256": _sources_hash().hexdigest(), "library_sha256": lib_sha,
+              "build_info": info}
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    shutil.copyfile(lib, PREBUILT + ".tmp")
+    os.replace(PREBUILT + ".tmp", PREBUILT)
+    with open(PREBUILT + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def prebuilt():
+    """(path, record) of the shipped-object harness if it matches the sources."""
+    try:
+        with open(PREBUILT + ".json") as f:
+            record = json.load(f)
+        with open(PREBUILT, "rb") as f:
+            lib_sha = hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None, None
+    if record.get("sources_sha256") != _sources_hash().hexdigest() or \
+            record.get("library_sha256") != lib_sha:
+        return None, None
+    return PREBUILT, record
+
+
+def describe(path):
+    """One line: which build of the kernels `path` is."""
+    if path == PREBUILT:
+        info = prebuilt()[1]["build_info"]
+        return "shipped object: %s, CUDA runtime %s, sm_%s + PTX %s (ISA %s)" % (
+            info.get("cuda_compiler_version") or info.get("cuda_compiler"),
+            info.get("cuda_runtime_version"), ",".join(map(str, info.get("cuda_archs", []))),
+            info.get("cuda_ptx"), info.get("cuda_ptx_isa"))
+    return "nvcc on this machine for sm_%s: %s" % (_arch(), path)
+
+
+def build():
+    """The harness library for the GPU: the shipped object when prebuilt for
+    these sources, else compiled by nvcc for the current GPU (cached by hash)."""
+    if os.environ.get("TFLN_HARNESS_COMPILER", "shipped") != "nvcc":
+        lib, _ = prebuilt()
+        if lib:
+            return lib
+    h = _sources_hash()
     arch = _arch()
     h.update(arch.encode())
     lib = os.path.join(BUILD_DIR, "libtfln_harness_%s.so" % h.hexdigest()[:16])

@@ -3,9 +3,10 @@
 # network) should run, in one command that fits a 10-minute call: results as
 # files under $OUT (default build/gpu_results), a summary last.
 #
-#   1. build      the TF-free harness (cc/kernels/layer_norm_gpu.cu + C ABI) with
-#                 nvcc for this GPU (skipped when build/gpu_harness already holds
-#                 it: `--prebuild` makes it here for sm_90, then carry that folder)
+#   1. build      the TF-free harness (cc/kernels/layer_norm_gpu.cu + C ABI):
+#                 the wheel's own GPU object when `--prebuild` linked it here
+#                 (Bazel, clang, CUDA 12: carry build/gpu_harness), else nvcc
+#                 for this GPU. harness_build.txt says which.
 #   2. grid       every harness case vs a float64 PyTorch oracle      gpu_tests.{json,log}
 #   3. bench      vs PyTorch's kernels, rows, channel axis, Inf rows  gpu_<device>.{json,md}
 #   4. memcheck, racecheck, synccheck: compute-sanitizer on the small
@@ -18,7 +19,10 @@
 #   --emulate   rehearsal without a GPU: the grid step runs the sanitizer
 #               grid on the SIMT emulator (tests/gpu/emu); steps that need a
 #               GPU are reported as skipped. Same files, same summary.
-#   --prebuild  only build the nvcc harness for sm_90 into build/gpu_harness.
+#   --prebuild  here, before the device run: link the harness with the wheel's
+#               GPU object (bazel build //tests/gpu:libtfln_harness.so) into
+#               build/gpu_harness (under 64 MiB: carry that folder).
+#               TFLN_HARNESS_COMPILER=nvcc on the device ignores it.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-build/gpu_results}"
@@ -39,9 +43,12 @@ done
 export TFLN_HARNESS_BUILD_DIR="${TFLN_HARNESS_BUILD_DIR:-build/gpu_harness}"
 
 if (( PREBUILD )); then
-  TFLN_HARNESS_ARCH="${TFLN_HARNESS_ARCH:-90}" "$PY" -c \
-    "import sys; sys.path.insert(0, 'tests/gpu'); import harness; print(harness.build())"
-  exit $?
+  "${BAZEL:-bazel}" build //tests/gpu:libtfln_harness.so //cc:build_info || exit 1
+  "$PY" -c "import sys, json; sys.path.insert(0, 'tests/gpu'); import harness;
+print(json.dumps(harness.install_prebuilt(sys.argv[1], sys.argv[2]), indent=1))" \
+    bazel-bin/tests/gpu/libtfln_harness.so bazel-bin/cc/_build_info.json || exit 1
+  ls -la "$TFLN_HARNESS_BUILD_DIR"
+  exit 0
 fi
 
 mkdir -p "$OUT"
@@ -89,7 +96,9 @@ if (( EMULATE )); then
   skip bench "emulated: no GPU"
   for tool in memcheck racecheck synccheck; do skip "$tool" "emulated: no GPU"; done
 else
-  step build "$PY" -c "import sys; sys.path.insert(0, 'tests/gpu'); import harness; print(harness.build())"
+  step build "$PY" -c "import sys; sys.path.insert(0, 'tests/gpu'); import harness;
+lib = harness.build(); print(lib); print(harness.describe(lib))"
+  cp "$OUT/build.log" "$OUT/harness_build.txt" 2>/dev/null
   step grid "$PY" "${GRID[@]}" --backend gpu "${GRID_ARGS[@]}"
   step bench "$PY" bench/bench_gpu.py --out "$OUT" $QUICK
   SAN=compute-sanitizer
