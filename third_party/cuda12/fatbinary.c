@@ -70,8 +70,12 @@ static int parse_image(const char* spec, Image* out) {
   return 0;
 }
 
-// The whole file, plus a terminating NUL (PTX is passed as a C string).
-static char* read_file(const char* path, size_t* size) {
+// The whole file, plus a terminating NUL (PTX is passed as a C string). With
+// newline_first, a '\n' is put in front unless the file starts with one:
+// libnvfatbin (12.9) drops the first line of a PTX that does not start with a
+// newline, which loses ".version" when that is the first line (clang's PTX
+// starts with a comment, so it only loses that).
+static char* read_file(const char* path, size_t* size, int newline_first) {
   FILE* f = fopen(path, "rb");
   if (!f) return NULL;
   char* buf = NULL;
@@ -100,6 +104,11 @@ static char* read_file(const char* path, size_t* size) {
     return NULL;
   }
   buf[len] = '\0';
+  if (newline_first && buf[0] != '\n') {
+    memmove(buf + 1, buf, len + 1);  // room: the loop keeps 65536 bytes spare
+    buf[0] = '\n';
+    ++len;
+  }
   *size = len;
   return buf;
 }
@@ -194,7 +203,7 @@ int main(int argc, char** argv) {
   CHECK(nvFatbinCreate(&handle, options, n_options), create);
   for (size_t i = 0; i < n_images; ++i) {
     size_t size = 0;
-    char* code = read_file(images[i].file, &size);
+    char* code = read_file(images[i].file, &size, images[i].is_ptx);
     if (!code) {
       fprintf(stderr, "fatbinary: cannot read %s: %s\n", images[i].file, strerror(errno));
       return fail();
