@@ -104,7 +104,7 @@ static char* read_file(const char* path, size_t* size, int newline_first) {
     return NULL;
   }
   buf[len] = '\0';
-  if (newline_first && buf[0] != '\n') {
+  if (newline_first && len > 0 && buf[0] != '\n') {
     memmove(buf + 1, buf, len + 1);  // room: the loop keeps 65536 bytes spare
     buf[0] = '\n';
     ++len;
@@ -214,6 +214,11 @@ int main(int argc, char** argv) {
     char what[512];
     snprintf(what, sizeof what, "adding %s (%s_%s)", images[i].file,
              images[i].is_ptx ? "compute" : "sm", images[i].arch);
+    if (size == 0) {
+      fprintf(stderr, "fatbinary: %s: empty file\n", what);
+      free(code);
+      return fail();
+    }
     if (images[i].is_ptx) {
       char target[32], want[32];
       snprintf(want, sizeof want, "sm_%s", images[i].arch);
