@@ -55,11 +55,6 @@ def ok(tools, name, *args):
     return fi.parse_file(out)
 
 
-def test_which_binary(tools):
-    print("fatbinary under test: %s (%s); tree %s" % (tools.fatbinary_path,
-                                                      tools.fatbinary_how, tools.tree))
-
-
 def test_clang_form(tools, src):
     """What clang-19 runs: -64 --create OUT, one image per GPU arch and the PTX."""
     entries = ok(tools, "clang.fatbin", "-64", "--create", "{OUT}",
