@@ -1,0 +1,128 @@
+"""The GPU code inside the installed op library, checked on every CI run
+(no GPU needed): it must run on the CUDA 12 stack TensorFlow 2.21 uses.
+
+- every cubin has a CUDA 12 code version (<= 1.7), the PTX has ISA <= 8.5 and
+  nothing is ZSTD-compressed (CUDA 12 drivers read neither CUDA 13 cubins nor
+  ZSTD), cubins for sm_80 and sm_90 are present, PTX for newer GPUs too;
+- build_info() reports exactly what is inside (archs, PTX arch and ISA, code
+  versions), and the static CUDA runtime is a 12.x one;
+- every cubin and the PTX hold the same kernels (no arch lost one);
+- the TF-free GPU harness (tests/gpu) is linked from the very same object:
+  its .nv_fatbin is byte-identical to the library's.
+The fat binary reader is third_party/cuda12/fatbin_info.py (its own tests:
+tests/test_fatbin_info.py). The CPU kernels of this same library run in the
+rest of the suite, on tensorflow-cpu.
+"""
+import os
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+import tf_layernorm as tfln
+from cuda12_tree import load_fatbin_info
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+fatbin_info = load_fatbin_info()
+
+
+@pytest.fixture(scope="module")
+def info():
+    info = tfln.build_info()
+    if not info["cuda"]:
+        if os.environ.get("TF_LAYERNORM_NEED_CUDA") == "0":
+            pytest.skip("CPU-only build asked for (TF_LAYERNORM_NEED_CUDA=0)")
+        pytest.fail("the installed library has no GPU code, and no CPU-only build was asked "
+                    "for (TF_LAYERNORM_NEED_CUDA=0): configure.py found no clang? See "
+                    "`python configure.py` output; scripts/setup.sh installs clang-19.",
+                    pytrace=False)
+    return info
+
+
+@pytest.fixture(scope="module")
+def entries(info):
+    return fatbin_info.parse_file(info["library"])
+
+
+def _section(path, name=".nv_fatbin"):
+    with open(path, "rb") as f:
+        data = f.read()
+    off, size = fatbin_info.find_elf_section(data, name)
+    return data[off:off + size]
+
+
+def _section_names(elf):
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+    heads = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize) for i in range(shnum)]
+    str_off = heads[shstrndx][4]
+    names = []
+    for h in heads:
+        start = str_off + h[0]
+        names.append(elf[start:elf.index(b"\0", start)].decode())
+    return names
+
+
+def test_cuda12_rules(info, entries):
+    required = ["80", "90"]
+    violations = fatbin_info.check_cuda12(entries, require_sm=required)
+    assert not violations, "\n".join(violations)
+    # Belt and braces over the rules the reader implements.
+    cubins = [e for e in entries if e["kind"] == "cubin"]
+    ptx = [e for e in entries if e["kind"] == "ptx"]
+    assert cubins and ptx
+    assert all(e["code_version"] in ("1.6", "1.7") for e in cubins), \
+        sorted({e["code_version"] for e in cubins})
+    assert all(e["elf_abiversion"] <= 7 for e in cubins)
+    assert all(tuple(map(int, e["ptx_version"].split("."))) <= (8, 5) for e in ptx)
+    assert all(e["compression"] in ("none", "lz4") for e in entries)
+
+
+def test_build_info_reports_what_is_inside(info, entries):
+    cubins = [e for e in entries if e["kind"] == "cubin"]
+    ptx = [e for e in entries if e["kind"] == "ptx"]
+    assert info["cuda_archs"] == sorted(e["arch_num"] for e in cubins)
+    assert len(ptx) == 1
+    assert info["cuda_ptx"] == ptx[0]["arch_num"] == max(info["cuda_archs"])
+    assert info["cuda_ptx_isa"] == ptx[0]["ptx_version"]
+    assert info["cuda_cubin_code_versions"] == sorted({e["code_version"] for e in cubins})
+    assert info["cuda_compiler"] in ("clang", "nvcc")
+    if info["cuda_compiler"] == "clang":
+        # The default build: clang + NVIDIA's CUDA 12 wheels (third_party/cuda12).
+        assert "clang version" in info["cuda_compiler_version"]
+        assert 12000 <= info["cuda_runtime_version"] < 13000
+        assert info["cuda_version"].startswith("12.")
+        assert info["cuda_ptx_isa"] == "8.0"
+
+
+def test_every_arch_holds_every_kernel(entries):
+    ptx = [e for e in entries if e["kind"] == "ptx"][0]
+    kernels = set(ptx["ptx_entries"])
+    assert len(kernels) > 50, sorted(kernels)
+    for e in entries:
+        if e["kind"] != "cubin":
+            continue
+        names = _section_names(e["cubin"])
+        in_cubin = {n[len(".nv.info."):] for n in names if n.startswith(".nv.info.")}
+        assert in_cubin == kernels, (e["arch"], sorted(in_cubin ^ kernels)[:5])
+
+
+def test_kernels_the_host_registers_are_the_device_kernels(info, entries):
+    # The host side registers each kernel by its mangled name (a string in the
+    # library); every PTX entry must be among them.
+    with open(info["library"], "rb") as f:
+        data = f.read()
+    ptx = [e for e in entries if e["kind"] == "ptx"][0]
+    missing = [k for k in ptx["ptx_entries"] if (k.encode() + b"\0") not in data]
+    assert not missing, missing[:5]
+
+
+def test_gpu_harness_is_linked_from_the_shipped_object(info):
+    bazel = shutil.which(os.environ.get("BAZEL", "bazel"))
+    if bazel is None:
+        pytest.fail("bazel is not on PATH; scripts/setup.sh installs it")
+    subprocess.run([bazel, "build", "//tests/gpu:libtfln_harness.so"], cwd=ROOT, check=True,
+                   capture_output=True)
+    harness = os.path.join(ROOT, "bazel-bin", "tests", "gpu", "libtfln_harness.so")
+    assert _section(harness) == _section(info["library"])
