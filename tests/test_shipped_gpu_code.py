@@ -118,11 +118,56 @@ def test_kernels_the_host_registers_are_the_device_kernels(info, entries):
     assert not missing, missing[:5]
 
 
-def test_gpu_harness_is_linked_from_the_shipped_object(info):
+@pytest.fixture(scope="module")
+def harness_lib(info):
     bazel = shutil.which(os.environ.get("BAZEL", "bazel"))
     if bazel is None:
         pytest.fail("bazel is not on PATH; scripts/setup.sh installs it")
-    subprocess.run([bazel, "build", "//tests/gpu:libtfln_harness.so"], cwd=ROOT, check=True,
-                   capture_output=True)
-    harness = os.path.join(ROOT, "bazel-bin", "tests", "gpu", "libtfln_harness.so")
-    assert _section(harness) == _section(info["library"])
+    subprocess.run([bazel, "build", "//tests/gpu:libtfln_harness.so", "//cc:build_info"],
+                   cwd=ROOT, check=True, capture_output=True)
+    return (os.path.join(ROOT, "bazel-bin", "tests", "gpu", "libtfln_harness.so"),
+            os.path.join(ROOT, "bazel-bin", "cc", "_build_info.json"))
+
+
+def test_gpu_harness_is_linked_from_the_shipped_object(info, harness_lib):
+    assert _section(harness_lib[0]) == _section(info["library"])
+
+
+def test_prebuilt_harness_is_used_only_while_it_matches(info, harness_lib, tmp_path,
+                                                         monkeypatch):
+    # What run_device.sh --prebuild does, into a temp folder; then what the
+    # GPU machine's harness.build() picks.
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
+    try:
+        import harness
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(harness, "BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(harness, "PREBUILT", str(tmp_path / "libtfln_harness_shipped.so"))
+    record = harness.install_prebuilt(*harness_lib)
+    assert record["build_info"]["cuda_archs"] == info["cuda_archs"]
+    assert harness.build() == harness.PREBUILT
+    line = harness.describe(harness.PREBUILT)
+    assert "CUDA runtime %d" % info["cuda_runtime_version"] in line
+    assert "sm_" + ",".join(map(str, info["cuda_archs"])) in line
+    # Its host-side contract is the emulated build's (same source).
+    shipped = harness.Kernels(path=harness.PREBUILT)
+    emulated = harness.Kernels(emulated=True)
+    import torch
+    for geometry in [(4, 1024, 1), (3, 64, 5), (2, 100000, 1), (1, 7, 1000)]:
+        for rms in (False, True):
+            assert shipped.in_place_safe(torch.float16, torch.float32, geometry, rms) == \
+                emulated.in_place_safe(torch.float16, torch.float32, geometry, rms)
+    # Sources changed since --prebuild (its recorded hash differs), or the
+    # library was altered: not used.
+    with open(harness.PREBUILT + ".json") as f:
+        text = f.read()
+    with open(harness.PREBUILT + ".json", "w") as f:
+        f.write(text.replace(record["sources_sha256"], "0" * 64))
+    assert harness.prebuilt() == (None, None)
+    harness.install_prebuilt(*harness_lib)
+    assert harness.prebuilt()[0] == harness.PREBUILT
+    with open(harness.PREBUILT, "ab") as f:
+        f.write(b"\0")
+    assert harness.prebuilt() == (None, None)
