@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tf_layernorm as tfln
 from tf_layernorm import layer_norm, load_ops
 
 # Errors from a shape function surface as ValueError while a tf.function is
@@ -85,8 +86,19 @@ def test_epsilon_overflowing_float32_is_rejected():
                          ids=["str", "float", "None", "bool", "list-float", "list-bool",
                               "tuple-str", "set"])
 def test_axis_wrong_type(axis):
-    with pytest.raises(TypeError, match="axis must be an int or a list/tuple of ints"):
+    with pytest.raises(TypeError, match="^Expected an int or a list/tuple of ints for the "
+                                        "argument 'axis', but received: "):
         layer_norm(_x(), axis=axis)
+
+
+@pytest.mark.parametrize("make", [lambda a: tfln.LayerNorm(axis=a), lambda a: tfln.RMSNorm(axis=a),
+                                  lambda a: tfln.rms_norm(_x(), axis=a)],
+                         ids=["LayerNorm", "RMSNorm", "rms_norm"])
+def test_axis_wrong_type_says_what_keras_says(make):
+    # keras.layers.LayerNormalization's message, which Keras's own tests match.
+    with pytest.raises(TypeError, match="^Expected an int or a list/tuple of ints for the "
+                                        "argument 'axis', but received: {'axis': -1}"):
+        make({"axis": -1})
 
 
 @pytest.mark.parametrize("axis", [2, -3, [0, 2], [-3, -1], 100])

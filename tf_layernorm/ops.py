@@ -78,14 +78,18 @@ def build_info():
 
 def _check_axis_type(axis):
     """Returns axis as a list of ints, or raises TypeError/ValueError."""
+    # Keras's wording (keras.layers.LayerNormalization), so code and tests
+    # written against Keras see the same message; our detail follows it.
+    expected = "Expected an int or a list/tuple of ints for the argument 'axis'"
     if isinstance(axis, bool) or not isinstance(axis, (int, list, tuple)):
         raise TypeError(
-            f"axis must be an int or a list/tuple of ints, got {axis!r} of type "
-            f"{type(axis).__name__}")
+            f"{expected}, but received: {axis!r} (of type {type(axis).__name__})")
     axes = [axis] if isinstance(axis, int) else list(axis)
     for a in axes:
         if isinstance(a, bool) or not isinstance(a, int):
-            raise TypeError(f"axis must be an int or a list/tuple of ints, got {axis!r}")
+            raise TypeError(
+                f"{expected}, but received: {axis!r} ({a!r} is a {type(a).__name__}, "
+                "not an int)")
     if not axes:
         raise ValueError("axis must name at least one axis, got an empty list")
     return axes
