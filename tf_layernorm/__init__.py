@@ -5,6 +5,7 @@
     y = tfln.layer_norm(x, gamma, beta)  # functional op
     y = tfln.RMSNorm()(x)                # RMS normalization, same kernels
     y = tfln.rms_norm(x, gamma)
+    tfln.fuse(model)                     # a model's Keras/keras-hub norm layers, fused
 
 Importing the package loads the op library, which must happen before a
 SavedModel that uses the ops is loaded.
@@ -14,8 +15,9 @@ from tf_layernorm.ops import build_info, layer_norm, load_ops, rms_norm
 load_ops()
 
 from tf_layernorm.layer import LayerNorm, RMSNorm  # noqa: E402  (needs the ops loaded)
+from tf_layernorm.fuse import fuse  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm", "load_ops", "build_info",
+__all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm", "fuse", "load_ops", "build_info",
            "__version__"]
