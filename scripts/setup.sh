@@ -6,7 +6,7 @@
 #   2. a virtualenv .venv with the pinned TensorFlow/Keras (requirements*.txt);
 #   3. python configure.py (writes .bazelrc from tf.sysconfig);
 #   4. bazel build of the op library, the platform wheel in dist/, installed in .venv.
-# Usage: scripts/setup.sh [--test]   (--test also installs the test requirements)
+# Usage: scripts/setup.sh [--test]   (--test also installs the test requirements and keras-hub)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -65,6 +65,17 @@ if [[ ! -f "$STAMP" ]]; then
     .venv/bin/python -m pip install -q "${REQS[@]}"
   fi
   touch "$STAMP"
+fi
+# keras-hub (tests/test_fuse.py builds small BERT/Gemma/Llama backbones): its
+# declared dependencies would pull the full `tensorflow` wheel (and
+# tensorflow-text) next to tensorflow-cpu, so it goes in without them; what it
+# needs to import is in requirements-test.txt.
+KERAS_HUB_PIN="keras-hub==0.32.0"
+KERAS_HUB_STAMP=".venv/.installed-keras-hub-$(echo "$KERAS_HUB_PIN" | sha256sum | cut -c1-16)"
+if (( WITH_TEST )) && [[ ! -f "$KERAS_HUB_STAMP" ]]; then
+  log "installing $KERAS_HUB_PIN (--no-deps)"
+  .venv/bin/python -m pip install -q --no-deps "$KERAS_HUB_PIN"
+  touch "$KERAS_HUB_STAMP"
 fi
 
 # 3. Configure ----------------------------------------------------------------
