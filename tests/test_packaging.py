@@ -71,7 +71,8 @@ def test_wheel_is_platform_specific_and_complete():
     assert tag != "any" and "linux" in tag, tag
     names = zipfile.ZipFile(wheel).namelist()
     for f in ("tf_layernorm/_layer_norm_ops.so", "tf_layernorm/_build_info.json",
-              "tf_layernorm/__init__.py", "tf_layernorm/ops.py", "tf_layernorm/layer.py"):
+              "tf_layernorm/__init__.py", "tf_layernorm/ops.py", "tf_layernorm/layer.py",
+              "tf_layernorm/fusion.py"):
         assert f in names
 
 

@@ -15,7 +15,7 @@ from tf_layernorm.ops import build_info, layer_norm, load_ops, rms_norm
 load_ops()
 
 from tf_layernorm.layer import LayerNorm, RMSNorm  # noqa: E402  (needs the ops loaded)
-from tf_layernorm.fuse import fuse  # noqa: E402
+from tf_layernorm.fusion import fuse  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -100,7 +100,7 @@ def _fused_call_for(layer, rules):
     return None
 
 
-def is_fused(layer):
+def _is_fused(layer):
     """True when `fuse` has switched this layer."""
     call = layer.__dict__.get("call")
     return isinstance(call, types.MethodType) and call.__func__ in _FUSED_CALLS
@@ -134,7 +134,7 @@ def fuse(layer_or_model):
     rules = _rules()
     switched = 0
     for layer in layer_or_model._flatten_layers(include_self=True, recursive=True):
-        if is_fused(layer):
+        if _is_fused(layer):
             continue
         call = _fused_call_for(layer, rules)
         if call is not None:
