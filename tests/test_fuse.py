@@ -236,6 +236,22 @@ def test_fuse_a_single_layer_and_rejects_non_layers():
         tfln.fuse(object())
 
 
+def test_a_norm_class_whose_call_changed_is_left_alone(monkeypatch):
+    # A Keras/keras-hub release with other code in call has math fuse has not
+    # read: such layers stay as they are, with a warning naming the class.
+    from tf_layernorm import fusion
+
+    key = ("keras_hub.src.models.llama.llama_layernorm", "LlamaLayerNorm")
+    call, _ = fusion._KNOWN_CALLS[key]
+    monkeypatch.setitem(fusion._KNOWN_CALLS, key, (call, "0" * 16))
+    model = llama()
+    with pytest.warns(UserWarning, match="LlamaLayerNorm.call is not the code"):
+        assert tfln.fuse(model) == 0
+    assert not any("call" in layer.__dict__ for layer in model._flatten_layers())
+    monkeypatch.undo()
+    assert tfln.fuse(model) == NORM_LAYERS["llama"]
+
+
 def test_masking_is_kept():
     from keras.src.backend import get_keras_mask
 

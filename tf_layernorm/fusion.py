@@ -15,8 +15,13 @@ Each rule below mirrors the `call` of one class, including where it casts to
 float32 and back; a layer whose class overrides that `call` (a subclass with
 its own math) is left alone.
 """
+import ast
+import hashlib
+import inspect
 import sys
+import textwrap
 import types
+import warnings
 
 import keras
 import tensorflow as tf
@@ -75,28 +80,62 @@ def _llama_rms_call(self, x):
     return _cast_to(y, self.compute_dtype)
 
 
+# The `call` each rule was written from (Keras 3.15, keras-hub 0.32): a
+# fingerprint of its code (ast.unparse without the docstring: formatting and
+# comments do not count). A release that changes that code has math we have
+# not read, so its layers are left alone, with a warning.
+_KNOWN_CALLS = {
+    ("keras.src.layers.normalization.layer_normalization", "LayerNormalization"):
+        (_layer_normalization_call, "975582fa0302036c"),
+    ("keras.src.layers.normalization.rms_normalization", "RMSNormalization"):
+        (_rms_normalization_call, "be297d5dca7a9856"),
+    ("keras_hub.src.models.gemma.rms_normalization", "RMSNormalization"):
+        (_gemma_rms_call, "1fcc06ca602ce056"),
+    ("keras_hub.src.models.llama.llama_layernorm", "LlamaLayerNorm"):
+        (_llama_rms_call, "8871bf54eeb21474"),
+}
+
+
+def _fingerprint(function):
+    """sha256 (16 hex digits) of a function's code without its docstring, or
+    None when its source cannot be read."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    body = tree.body[0].body
+    if body and isinstance(body[0], ast.Expr) and isinstance(
+            getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+        del body[0]
+    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:16]
+
+
 def _rules():
-    """(class, fused call, extra condition) for each class we know, taken from
-    sys.modules: a keras-hub class no one imported has no instances."""
-    rules = [
-        (keras.layers.LayerNormalization, _layer_normalization_call,
-         lambda layer: not layer.rms_scaling),  # rms_scaling: left as Keras computes it
-        (keras.layers.RMSNormalization, _rms_normalization_call, None),
-    ]
-    for module, name, call in (
-            ("keras_hub.src.models.gemma.rms_normalization", "RMSNormalization", _gemma_rms_call),
-            ("keras_hub.src.models.llama.llama_layernorm", "LlamaLayerNorm", _llama_rms_call)):
+    """(class, fused call) for each class we know whose call is the one we
+    read. Classes come from sys.modules: a keras-hub class no one imported
+    has no instances."""
+    rules = []
+    for (module, name), (call, fingerprint) in _KNOWN_CALLS.items():
         cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None:
-            rules.append((cls, call, None))
+        if cls is None:
+            continue
+        if _fingerprint(cls.call) != fingerprint:
+            warnings.warn(
+                f"tf_layernorm.fuse: {module}.{name}.call is not the code tf_layernorm "
+                f"was written against (Keras 3.15 / keras-hub 0.32); its layers are left "
+                f"unfused", stacklevel=3)
+            continue
+        rules.append((cls, call))
     return rules
 
 
 def _fused_call_for(layer, rules):
-    for cls, call, condition in rules:
-        if (isinstance(layer, cls) and type(layer).call is cls.call
-                and (condition is None or condition(layer))):
-            return call
+    for cls, call in rules:
+        if not (isinstance(layer, cls) and type(layer).call is cls.call):
+            continue  # a subclass with its own call has its own math
+        if call is _layer_normalization_call and layer.rms_scaling:
+            return None  # left as Keras computes it
+        return call
     return None
 
 
