@@ -154,6 +154,13 @@ def _special_grid():
         # +-2e38 alternating: squares and products overflow float unless taken in order.
         cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt, center=not rms,
                           rms=rms, pattern="pm2e38"))
+    for dt, (outer, d, inner), rms in itertools.product(
+            ["float32", "bfloat16"], [(9, 16, 1), (9, 64, 1), (9, 1024, 1)], [False, True]):
+        # Rows alternating N(0.5, 2) and 1e30 x that: rows sharing a warp
+        # (sub-warp groups at D = 16 and 64) where only every other one takes
+        # the double-precision branch, the others keep their registers.
+        cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt, center=not rms,
+                          rms=rms, pattern="mixed1e30"))
     for (outer, d, inner) in [(2, 64, 3), (1, 1024, 5)]:
         # One +2e38 in eight, -2e38 elsewhere: x - mean overflows float for the
         # +2e38 elements (mean -1.5e38), though xhat is about 2.6.
@@ -257,6 +264,9 @@ def _inputs(c, dev, n, dt):
     elif pattern == "constant":
         x64 = torch.arange(outer * inner, dtype=torch.float64).repeat_interleave(d) \
             .view(outer, inner, d).transpose(1, 2).reshape(-1) * 0.5 - 1.0
+    elif pattern == "mixed1e30":
+        x64 = torch.randn(n, generator=g, dtype=torch.float64) * 2 + 0.5
+        x64.view(outer, d * inner)[1::2] *= 1e30
     elif pattern == "offset1e4":
         x64 = c.get("offset", 1e4) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
     else:
