@@ -210,6 +210,79 @@ __device__ __forceinline__ void StoreVec(T* __restrict__ row, int64_t col, int64
   }
 }
 
+// The register kernels' access to vector k of a thread: `n` = elements of
+// the thread's valid prefix (ValidPrefix) left at it, k * N subtracted: the
+// vector lies in the row iff n > 0, its element j iff j < n (with `vec`, D
+// is a multiple of N and n >= N whenever n > 0). Masks that compare a
+// constant with one 32-bit register: the 64-bit column of every element,
+// invariant along the persistent row loop, was hoisted out of it by the
+// compiler and held two registers per element.
+template <int N, typename T, typename C>
+__device__ __forceinline__ void LoadVecN(const T* __restrict__ p, int n, bool vec, C (&out)[N],
+                                         C fill = C(0)) {
+  if (p == nullptr) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = fill;
+  } else if (vec) {
+    if (n > 0) {
+      const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+      for (int j = 0; j < N; ++j) out[j] = static_cast<C>(Convert<T>::Widen(pk.v[j]));
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j) out[j] = fill;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = j < n ? static_cast<C>(Convert<T>::Widen(p[j])) : fill;
+  }
+}
+
+template <int N, typename T, typename C>
+__device__ __forceinline__ void StoreVecN(T* __restrict__ p, int n, bool vec, const C (&in)[N]) {
+  if (vec) {
+    if (n > 0) {
+      Pack<T, N> pk;
+#pragma unroll
+      for (int j = 0; j < N; ++j) pk.v[j] = Convert<T>::Narrow(in[j]);
+      *reinterpret_cast<Pack<T, N>*>(p) = pk;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (j < n) p[j] = Convert<T>::Narrow(in[j]);
+    }
+  }
+}
+
+// `v`, which the compiler cannot see through: addresses and masks derived
+// from an Opaque() copy of a loop-invariant value inside the persistent row
+// loops are computed where they are used, rather than hoisted out of the
+// loop by the compiler's LICM and held in registers for its whole length
+// (with clang, two registers per vector per array: spills). A few integer
+// instructions per vector in exchange. A no-op outside the device compile.
+__device__ __forceinline__ int Opaque(int v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+
+// Elements of a register kernel's thread that lie in a row of d elements:
+// its element (k, j) is column (k * tpr + lane) * N + j, so those in the row
+// are a prefix in (k, j) order, of the length returned (<= kVpt * N).
+template <int kVpt, int N>
+__device__ __forceinline__ int ValidPrefix(int64_t d, int tpr, int lane) {
+  int n = 0;
+  int64_t rem = d - static_cast<int64_t>(lane) * N;
+#pragma unroll
+  for (int k = 0; k < kVpt; ++k) {
+    n += rem <= 0 ? 0 : rem < N ? static_cast<int>(rem) : N;
+    rem -= static_cast<int64_t>(tpr) * N;
+  }
+  return n;
+}
+
 // ---------------------------------------------------------------------------
 // Reductions. Every thread of a row group ends with the same bits: a xor
 // butterfly adds the same two operands on both sides (a + b == b + a), and the
@@ -434,33 +507,41 @@ __device__ __forceinline__ RowStats<C> FinishWideStats(double mean, double sq, i
           static_cast<C>(1.0 / sqrt(sq / static_cast<double>(d) + static_cast<double>(eps)))};
 }
 
-// Double statistics of a row held in registers (v, as the register kernels
-// load it), reduced over the row's tpr threads like the float ones. Every
-// thread of the row group calls it (warp- or CTA-uniform branch).
-template <typename C, int kVpt, int N>
-__device__ __forceinline__ RowStats<C> WideStatsRegisters(const C (&v)[kVpt][N], int lane,
-                                                          int tpr, int64_t d, bool rms, C eps,
-                                                          double (*smem)[kWarp][1],
+// Double statistics of a row whose elements the register kernels hold (x
+// at the columns (k * tpr + lane) * N + j, as they load it), re-read from
+// memory one vector at a time: the register kernels keep x - shift, not x,
+// and this rare branch then costs their hot path no registers. Reduced over
+// the row's tpr threads like the float statistics, the elements added in
+// the same order as from registers. Every thread of the row group calls it
+// (warp- or CTA-uniform branch).
+template <typename T, typename C, int kVpt, int N>
+__device__ __forceinline__ RowStats<C> WideStatsRegisters(const T* xr, bool vec, int lane,
+                                                          int tpr, int valid, int64_t d, bool rms,
+                                                          C eps, double (*smem)[kWarp][1],
                                                           int& parity) {
   double s[1] = {0.0};
   if (!rms) {
-#pragma unroll
+#pragma unroll 1
     for (int k = 0; k < kVpt; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
+      const int n = valid - k * N;
+      C v[N];
+      LoadVecN<N>(xr + (static_cast<int64_t>(k) * tpr + lane) * N, n, vec, v);
 #pragma unroll
-      for (int j = 0; j < N; ++j) s[0] += col + j < d ? static_cast<double>(v[k][j]) : 0.0;
+      for (int j = 0; j < N; ++j) s[0] += j < n ? static_cast<double>(v[j]) : 0.0;
     }
     RowAllReduce(s, tpr, smem, parity);
   }
   const double mu = rms || d == 0 ? 0.0 : s[0] / static_cast<double>(d);
   double q[1] = {0.0};
-#pragma unroll
+#pragma unroll 1
   for (int k = 0; k < kVpt; ++k) {
-    const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
+    const int n = valid - k * N;
+    C v[N];
+    LoadVecN<N>(xr + (static_cast<int64_t>(k) * tpr + lane) * N, n, vec, v);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const double dev = static_cast<double>(v[k][j]) - mu;
-      q[0] += col + j < d ? dev * dev : 0.0;
+      const double dev = static_cast<double>(v[j]) - mu;
+      q[0] += j < n ? dev * dev : 0.0;
     }
   }
   RowAllReduce(q, tpr, smem, parity);
@@ -494,6 +575,9 @@ __device__ __forceinline__ RowStats<C> WideStatsStreaming(const T* xr, int64_t d
 // Row in registers; kVpt vectors of kVecWidth<T> elements per thread. The
 // mean is shifted by the row's first element (x - x[0] summed, as the CPU
 // kernels do): rows far from 0 relative to their spread keep their bits.
+// The registers hold x - shift, the one value of an element that all three
+// passes use: holding x as well (for the x - x detector, the output, the
+// double recomputation) kept two copies of the row live and spilled.
 template <typename T, typename U, int kVpt>
 __global__ void __launch_bounds__(kMaxThreadsPerRow)
     ForwardRegistersKernel(ForwardParams<T, U> p, int tpr, bool vec) {
@@ -505,6 +589,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
   const int lane = threadIdx.x % tpr;
   const int rows_per_cta = blockDim.x / tpr;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * rows_per_cta;
+  const int row_valid = ValidPrefix<kVpt, N>(p.d, tpr, lane);  // p.d <= kVpt * tpr * N
   // Every thread runs the same trip count (barriers inside); idle rows read
   // zeros and write nothing.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_cta; base < p.rows;
@@ -512,32 +597,35 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     const int64_t row = base + threadIdx.x / tpr;
     const bool active = row < p.rows;
     const int64_t d = active ? p.d : 0;
+    const int valid = active ? row_valid : 0;  // element (k, j) is in the row iff k * N + j < valid
     const T* xr = p.x + (active ? row : 0) * p.d;
     const C shift = active && !p.rms ? MeanShift(Convert<T>::Widen(xr[0])) : C(0);
-    C v[kVpt][N];
+    C v[kVpt][N];  // x - shift
     C sum[1] = {C(0)};
+    // sq[1] sums x - x: 0 for a row of finite values, NaN otherwise.
+    C sq[2] = {C(0), C(0)};
+    const int tpr_in = Opaque(tpr);
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
-      LoadVec<N>(xr, col, d, vec, v[k]);
+      LoadVecN<N>(xr + (static_cast<int64_t>(k) * tpr_in + lane) * N, valid - k * N, vec, v[k]);
 #pragma unroll
-      for (int j = 0; j < N; ++j) sum[0] += col + j < d ? v[k][j] - shift : C(0);
+      for (int j = 0; j < N; ++j) {
+        sq[1] += v[k][j] - v[k][j];
+        v[k][j] -= shift;
+        sum[0] += k * N + j < valid ? v[k][j] : C(0);
+      }
     }
     if (!p.rms) RowAllReduce(sum, tpr, smem, parity);  // uniform branch
     // Deviations are taken as (x - shift) - (mean - shift): exact to the
     // last bits of the spread, however the mean itself rounds.
-    const C mean_shifted = p.rms ? C(0) : sum[0] * p.inv_d;
-    C mean = shift + mean_shifted;
-    // sq[1] sums x - x: 0 for a row of finite values, NaN otherwise.
-    C sq[2] = {C(0), C(0)};
+    C center = p.rms ? C(0) : sum[0] * p.inv_d;  // mean - shift
+    C mean = shift + center;
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        const C dev = (v[k][j] - shift) - mean_shifted;
-        sq[0] += col + j < d ? dev * dev : C(0);
-        sq[1] += v[k][j] - v[k][j];
+        const C dev = v[k][j] - center;
+        sq[0] += k * N + j < valid ? dev * dev : C(0);
       }
     }
     RowAllReduce(sq, tpr, smem, parity);
@@ -546,16 +634,19 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     // recomputation's shuffles need the whole warp (rows of up to 32 threads)
     // or the whole CTA (one row per CTA, where the decision is CTA-uniform).
     const bool wide = active && sq[1] == C(0) && NeedsWideStats(mean, rstd);
-    // y = ((x - y_shift) - center) * rstd. Rows recomputed in double may
-    // span more than float's range (x - shift overflows): they use the mean.
-    C y_shift = shift, center = mean_shifted;
     if (tpr <= kWarp ? __any_sync(0xffffffffu, wide) : wide) {
-      const RowStats<C> w =
-          WideStatsRegisters(v, lane, tpr, d, p.rms, p.eps, wide_smem, wide_parity);
+      const RowStats<C> w = WideStatsRegisters<T, C, kVpt, N>(
+          xr, vec, lane, tpr, valid, d, p.rms, p.eps, wide_smem, wide_parity);
       if (wide) {
+        // Such rows may span more than float's range (x - shift overflows):
+        // y is taken from x and the mean itself. The thread re-reads its own
+        // elements only, before it writes them (in place is still safe).
         mean = center = w.mean;
         rstd = w.rstd;
-        y_shift = C(0);
+#pragma unroll
+        for (int k = 0; k < kVpt; ++k) {
+          LoadVecN<N>(xr + (static_cast<int64_t>(k) * tpr + lane) * N, valid - k * N, vec, v[k]);
+        }
       }
     }
     if (!active) continue;
@@ -564,16 +655,19 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
       p.rstd[row] = rstd;
     }
     T* yr = p.y + row * p.d;
+    const int tpr_out = Opaque(tpr);
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
-      if (col >= d) break;
+      const int n = valid - k * N;
+      if (n <= 0) break;
+      const int64_t col = (static_cast<int64_t>(k) * tpr_out + lane) * N;
       C g[N], b[N], out[N];
-      LoadVec<N>(p.gamma, col, d, vec, g, C(1));
-      LoadVec<N>(p.beta, col, d, vec, b, C(0));
+      LoadVecN<N>(p.gamma ? p.gamma + col : nullptr, n, vec, g, C(1));
+      LoadVecN<N>(p.beta ? p.beta + col : nullptr, n, vec, b, C(0));
+      // ((x - shift) - center), or (x - mean) for rows recomputed in double.
 #pragma unroll
-      for (int j = 0; j < N; ++j) out[j] = ((v[k][j] - y_shift) - center) * rstd * g[j] + b[j];
-      StoreVec<N>(yr, col, d, vec, out);
+      for (int j = 0; j < N; ++j) out[j] = (v[k][j] - center) * rstd * g[j] + b[j];
+      StoreVecN<N>(yr + col, n, vec, out);
     }
   }
 }
