@@ -69,6 +69,14 @@ constexpr int kMaxVpt = 8;
 constexpr int kSmallRowsBlock = 128;
 // CTA of the streaming (one row per CTA) kernels: 16 warps of loads in flight.
 constexpr int kStreamBlock = 512;
+// Vectors per thread and array each streaming pass has in flight
+// (ForStrided): 4 in the forward's passes over x alone, 2 where a pass reads
+// three arrays (the forward's output pass: x, gamma, beta; the backward: x,
+// dy, gamma), 6 loads in flight either way. Three arrays of 4 vectors, 12 x N
+// values, would not fit the 128 registers of a kStreamBlock CTA (spills).
+constexpr int kStreamUnroll = 4;
+constexpr int kStreamOutUnroll = 2;
+constexpr int kBackwardStreamUnroll = 2;
 // Column (inner > 1) kernels: a tile is at most kColumnTileCols adjacent
 // inner columns (a warp then reads 128 bytes of one float row); a CTA starts
 // at kColumnBlock threads (w columns x kColumnBlock / w rows of D) and grows
@@ -283,6 +291,32 @@ __device__ __forceinline__ int ValidPrefix(int64_t d, int tpr, int lane) {
   return n;
 }
 
+// The streaming loops: col = start, start + step, ... < end, kU columns at a
+// time (memory-level parallelism: kU loads in flight per thread), as an
+// outer runtime loop over whole groups of kU columns whose inner loops have
+// a fixed count, then the remaining columns one at a time. load(u, col) for
+// the kU columns of a group, then use(u, col) for them in column order: the
+// loads are issued before any use (or store) of the group. The caller's
+// per-column state is indexed by u (the remainder uses u = 0). clang does
+// not runtime-unroll a loop of runtime stride ("#pragma unroll 4" on it was
+// ignored, with a warning); this gives the same schedule under any compiler.
+template <int kU, typename Load, typename Use>
+__device__ __forceinline__ void ForStrided(int64_t start, int64_t step, int64_t end, Load&& load,
+                                           Use&& use) {
+  int64_t col = start;
+  for (; col + (kU - 1) * step < end; col += kU * step) {
+#pragma unroll
+    for (int u = 0; u < kU; ++u) load(u, col + u * step);
+#pragma unroll
+    for (int u = 0; u < kU; ++u) use(u, col + u * step);
+  }
+#pragma unroll 1
+  for (; col < end; col += step) {
+    load(0, col);
+    use(0, col);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Reductions. Every thread of a row group ends with the same bits: a xor
 // butterfly adds the same two operands on both sides (a + b == b + a), and the
@@ -383,8 +417,15 @@ __device__ __forceinline__ void ForColumnRows(int64_t rows, F&& f) {
       if (j < n) f(j);
     }
   } else {
-#pragma unroll 4
-    for (int64_t j = 0; j < rows; ++j) f(0);
+    // Groups of 4 rows in straight-line code (4 loads in flight), then the
+    // rest: what "#pragma unroll 4" asked for, which clang ignored here.
+    int64_t j = 0;
+    for (; j + 4 <= rows; j += 4) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) f(0);
+    }
+#pragma unroll 1
+    for (; j < rows; ++j) f(0);
   }
 }
 
@@ -690,28 +731,32 @@ __global__ void __launch_bounds__(kStreamBlock)
     C shift = C(0);
     if (!p.rms) {
       shift = MeanShift(Convert<T>::Widen(xr[0]));  // see ForwardRegistersKernel
-#pragma unroll 4
-      for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
-        C v[N];
-        LoadVec<N>(xr, col, d, vec, v);
+      C v[kStreamUnroll][N];
+      ForStrided<kStreamUnroll>(
+          static_cast<int64_t>(threadIdx.x) * N, step, d,
+          [&](int u, int64_t col) { LoadVec<N>(xr, col, d, vec, v[u]); },
+          [&](int u, int64_t col) {
 #pragma unroll
-        for (int j = 0; j < N; ++j) sum[0] += col + j < d ? v[j] - shift : C(0);
-      }
+            for (int j = 0; j < N; ++j) sum[0] += col + j < d ? v[u][j] - shift : C(0);
+          });
       RowAllReduce(sum, tpr, smem, parity);
     }
     C center = p.rms ? C(0) : sum[0] * p.inv_d;  // mean - shift, as in ForwardRegistersKernel
     C mean = shift + center;
     C sq[2] = {C(0), C(0)};  // squared deviations; x - x (NaN iff a value is not finite)
-#pragma unroll 4
-    for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
-      C v[N];
-      LoadVec<N>(xr, col, d, vec, v);
+    {
+      C v[kStreamUnroll][N];
+      ForStrided<kStreamUnroll>(
+          static_cast<int64_t>(threadIdx.x) * N, step, d,
+          [&](int u, int64_t col) { LoadVec<N>(xr, col, d, vec, v[u]); },
+          [&](int u, int64_t col) {
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const C dev = (v[j] - shift) - center;
-        sq[0] += col + j < d ? dev * dev : C(0);
-        sq[1] += v[j] - v[j];
-      }
+            for (int j = 0; j < N; ++j) {
+              const C dev = (v[u][j] - shift) - center;
+              sq[0] += col + j < d ? dev * dev : C(0);
+              sq[1] += v[u][j] - v[u][j];
+            }
+          });
     }
     RowAllReduce(sq, tpr, smem, parity);
     C rstd = InvSqrt(sq[0] * p.inv_d + p.eps);
@@ -727,15 +772,25 @@ __global__ void __launch_bounds__(kStreamBlock)
       p.rstd[row] = rstd;
     }
     T* yr = p.y + row * d;
-#pragma unroll 4
-    for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
-      C v[N], g[N], b[N], out[N];
-      LoadVec<N>(xr, col, d, vec, v);
-      LoadVec<N>(p.gamma, col, d, vec, g, C(1));
-      LoadVec<N>(p.beta, col, d, vec, b, C(0));
+    {
+      // In place (y == x): a thread reads x at its own columns before it
+      // writes y there.
+      C v[kStreamOutUnroll][N], g[kStreamOutUnroll][N], b[kStreamOutUnroll][N];
+      ForStrided<kStreamOutUnroll>(
+          static_cast<int64_t>(threadIdx.x) * N, step, d,
+          [&](int u, int64_t col) {
+            LoadVec<N>(xr, col, d, vec, v[u]);
+            LoadVec<N>(p.gamma, col, d, vec, g[u], C(1));
+            LoadVec<N>(p.beta, col, d, vec, b[u], C(0));
+          },
+          [&](int u, int64_t col) {
+            C out[N];
 #pragma unroll
-      for (int j = 0; j < N; ++j) out[j] = ((v[j] - shift) - center) * rstd * g[j] + b[j];
-      StoreVec<N>(yr, col, d, vec, out);
+            for (int j = 0; j < N; ++j) {
+              out[j] = ((v[u][j] - shift) - center) * rstd * g[u][j] + b[u][j];
+            }
+            StoreVec<N>(yr, col, d, vec, out);
+          });
     }
   }
 }
@@ -918,26 +973,31 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
 #pragma unroll
     for (int j = 0; j < N; ++j) acc_g[k][j] = acc_b[k][j] = C(0);
   }
+  // Masks and addresses as in ForwardRegistersKernel (ValidPrefix, Opaque):
+  // 32-bit masks, addresses computed in the row loop rather than hoisted.
+  const int row_valid = ValidPrefix<kVpt, N>(p.d, tpr, lane);  // p.d <= kVpt * tpr * N
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_cta; base < p.rows;
        base += stride) {
     const int64_t row = base + threadIdx.x / tpr;
     const bool active = row < p.rows;
-    const int64_t d = active ? p.d : 0;
+    const int valid = active ? row_valid : 0;  // element (k, j) is in the row iff k * N + j < valid
     const int64_t offset = (active ? row : 0) * p.d;
     const C mu = active && p.mean ? p.mean[row] : C(0);
     const C rs = active ? p.rstd[row] : C(0);
     C xh[kVpt][N], g[kVpt][N];
     C s[2] = {C(0), C(0)};
+    const int tpr_in = Opaque(tpr);
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
+      const int64_t col = (static_cast<int64_t>(k) * tpr_in + lane) * N;
+      const int n = valid - k * N;
       C gm[N];
-      LoadVec<N>(p.x + offset, col, d, vec, xh[k]);
-      LoadVec<N>(p.dy + offset, col, d, vec, g[k]);
-      LoadVec<N>(p.gamma, col, d, vec, gm, C(1));
+      LoadVecN<N>(p.x + offset + col, n, vec, xh[k]);
+      LoadVecN<N>(p.dy + offset + col, n, vec, g[k]);
+      LoadVecN<N>(p.gamma ? p.gamma + col : nullptr, n, vec, gm, C(1));
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        const C xhat = col + j < d ? (xh[k][j] - mu) * rs : C(0);
+        const C xhat = j < n ? (xh[k][j] - mu) * rs : C(0);
         const C dyv = g[k][j];  // zero outside the row
         acc_g[k][j] += dyv * xhat;
         acc_b[k][j] += dyv;
@@ -950,14 +1010,16 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     RowAllReduce(s, tpr, smem, parity);
     if (!active) continue;
     const C mean_g = p.rms ? C(0) : s[0] * p.inv_d, mean_gx = s[1] * p.inv_d;
+    const int tpr_out = Opaque(tpr);
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
-      if (col >= d) break;
+      const int n = valid - k * N;
+      if (n <= 0) break;
+      const int64_t col = (static_cast<int64_t>(k) * tpr_out + lane) * N;
       C out[N];
 #pragma unroll
       for (int j = 0; j < N; ++j) out[j] = rs * (g[k][j] - mean_g - xh[k][j] * mean_gx);
-      StoreVec<N>(p.dx + offset, col, d, vec, out);
+      StoreVecN<N>(p.dx + offset + col, n, vec, out);
     }
   }
   if (p.part_dgamma == nullptr && p.part_dbeta == nullptr) return;
@@ -1007,35 +1069,34 @@ __global__ void __launch_bounds__(kStreamBlock)
     const int64_t offset = row * d;
     const C mu = p.mean ? p.mean[row] : C(0), rs = p.rstd[row];
     C s[2] = {C(0), C(0)};
-#pragma unroll 2
-    for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
-      C xv[N], dyv[N], gm[N];
-      LoadVec<N>(p.x + offset, col, d, vec, xv);
-      LoadVec<N>(p.dy + offset, col, d, vec, dyv);
-      LoadVec<N>(p.gamma, col, d, vec, gm, C(1));
+    C xv[kBackwardStreamUnroll][N], dyv[kBackwardStreamUnroll][N], gm[kBackwardStreamUnroll][N];
+    auto load = [&](int u, int64_t col) {
+      LoadVec<N>(p.x + offset, col, d, vec, xv[u]);
+      LoadVec<N>(p.dy + offset, col, d, vec, dyv[u]);
+      LoadVec<N>(p.gamma, col, d, vec, gm[u], C(1));
+    };
+    ForStrided<kBackwardStreamUnroll>(
+        static_cast<int64_t>(threadIdx.x) * N, step, d, load, [&](int u, int64_t col) {
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const C xhat = col + j < d ? (xv[j] - mu) * rs : C(0);
-        const C g = dyv[j] * gm[j];
-        s[0] += g;
-        s[1] += g * xhat;
-      }
-    }
+          for (int j = 0; j < N; ++j) {
+            const C xhat = col + j < d ? (xv[u][j] - mu) * rs : C(0);
+            const C g = dyv[u][j] * gm[u][j];
+            s[0] += g;
+            s[1] += g * xhat;
+          }
+        });
     RowAllReduce(s, static_cast<int>(blockDim.x), smem, parity);
     const C mean_g = p.rms ? C(0) : s[0] * p.inv_d, mean_gx = s[1] * p.inv_d;
-#pragma unroll 2
-    for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
-      C xv[N], dyv[N], gm[N], out[N];
-      LoadVec<N>(p.x + offset, col, d, vec, xv);
-      LoadVec<N>(p.dy + offset, col, d, vec, dyv);
-      LoadVec<N>(p.gamma, col, d, vec, gm, C(1));
+    ForStrided<kBackwardStreamUnroll>(
+        static_cast<int64_t>(threadIdx.x) * N, step, d, load, [&](int u, int64_t col) {
+          C out[N];
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const C xhat = (xv[j] - mu) * rs;
-        out[j] = rs * (dyv[j] * gm[j] - mean_g - xhat * mean_gx);
-      }
-      StoreVec<N>(p.dx + offset, col, d, vec, out);
-    }
+          for (int j = 0; j < N; ++j) {
+            const C xhat = (xv[u][j] - mu) * rs;
+            out[j] = rs * (dyv[u][j] * gm[u][j] - mean_g - xhat * mean_gx);
+          }
+          StoreVec<N>(p.dx + offset, col, d, vec, out);
+        });
   }
 }
 
@@ -1190,8 +1251,7 @@ __global__ void __launch_bounds__(kColumnBlock)
     C ag = 0, ab = 0;
     if (k < d) {
       int64_t i = i0, idx = o0 * plane + k * inner + i0;
-#pragma unroll 2
-      for (int64_t j = j0 + tx; j < j1; j += w) {
+      auto column = [&](int64_t j) {
         const C dyv = Convert<T>::Widen(dy[idx]);
         ag += dyv * Normalize(static_cast<C>(Convert<T>::Widen(x[idx])), mean ? mean[j] : C(0),
                               rstd[j]);
@@ -1202,7 +1262,15 @@ __global__ void __launch_bounds__(kColumnBlock)
           i -= inner;
           idx += plane - inner;
         }
+      };
+      // Two columns per iteration in straight-line code, then the last one:
+      // what "#pragma unroll 2" asked for, which clang ignored here.
+      int64_t j = j0 + tx;
+      for (; j + w < j1; j += 2 * w) {
+        column(j);
+        column(j + w);
       }
+      if (j < j1) column(j);
     }
     for (int offset = w / 2; offset > 0; offset /= 2) {
       ag += __shfl_xor_sync(0xffffffffu, ag, offset);
