@@ -454,10 +454,16 @@ __device__ __forceinline__ void ColumnAllReduce(C (&v)[K], int w, C* smem, int& 
   }
   __syncthreads();
   const int tx = lane % w;
+  // The warps' slots are w * K apart; from an Opaque() copy of w, so that the
+  // compiler does not hoist the multiples of the stride its unrolling of the
+  // loop over the warps uses out of the kernels' unit loops (8 registers held
+  // across the whole kernel: spills in BackwardColumnsKernel with clang).
+  const int stride = Opaque(w) * K;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     C s = 0;
-    for (int q = 0; q < warps; ++q) s += buf[(q * w + tx) * K + k];
+    const C* b = buf + tx * K + k;
+    for (int q = 0; q < warps; ++q, b += stride) s += *b;
     v[k] = s;
   }
 }
