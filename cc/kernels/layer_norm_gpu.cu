@@ -276,6 +276,104 @@ __device__ __forceinline__ int Opaque(int v) {
   return v;
 }
 
+// Elements of row[col .. col + N) inside a row of d (col < d: 1 .. N), as
+// LoadVecN counts them.
+template <int N>
+__device__ __forceinline__ int Remaining(int64_t col, int64_t d) {
+  return d - col < N ? static_cast<int>(d - col) : N;
+}
+
+// The row a register kernel's thread holds: kVpt vectors of N elements,
+// read by LoadVecN and used in several passes as x - shift (C). float and
+// double rows are held as x - shift itself. 16-bit rows are held as their
+// storage words, two elements per 32-bit register, and widened (exactly) at
+// each use: half the registers of a row held in float, the same values
+// (x - shift rounds the same wherever it is computed). Refresh() between the
+// passes keeps the compiler from reusing one pass's widened values in the
+// next (it would hold them all, in float, across the reduction between).
+template <typename T, int kVpt, int N, bool kWords = sizeof(T) == 2>
+struct HeldRow {
+  using C = ComputeT<T>;
+  C v[kVpt][N];  // x, then x - shift once Shift() has run
+  __device__ __forceinline__ void Load(int k, const T* __restrict__ p, int n, bool vec) {
+    LoadVecN<N>(p, n, vec, v[k]);
+  }
+  // x before Shift(k, j), x - shift after it.
+  __device__ __forceinline__ C X(int k, int j) const { return v[k][j]; }
+  __device__ __forceinline__ void Shift(int k, int j, C shift) { v[k][j] -= shift; }
+  // x again after the double recomputation (shift 0 from then on).
+  __device__ __forceinline__ void Reload(int k, const T* __restrict__ p, int n, bool vec) {
+    LoadVecN<N>(p, n, vec, v[k]);
+  }
+  __device__ __forceinline__ void Refresh() {}
+  // x - shift, after Shift().
+  __device__ __forceinline__ C Dev(int k, int j, C /*shift*/) const { return v[k][j]; }
+};
+
+template <typename T>
+struct Bits16;
+template <>
+struct Bits16<__half> {
+  static __device__ __forceinline__ unsigned short Of(__half h) { return __half_as_ushort(h); }
+  static __device__ __forceinline__ __half From(unsigned short u) { return __ushort_as_half(u); }
+};
+template <>
+struct Bits16<__nv_bfloat16> {
+  static __device__ __forceinline__ unsigned short Of(__nv_bfloat16 h) {
+    return __bfloat16_as_ushort(h);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 From(unsigned short u) {
+    return __ushort_as_bfloat16(u);
+  }
+};
+
+template <typename T, int kVpt, int N>
+struct HeldRow<T, kVpt, N, true> {
+  static_assert(N % 2 == 0, "two 16-bit elements per word");
+  using C = ComputeT<T>;
+  uint32_t w[kVpt][N / 2];  // element j in bits 16 * (j % 2) of word j / 2; 0 outside the row
+  __device__ __forceinline__ void Load(int k, const T* __restrict__ p, int n, bool vec) {
+    if (vec) {
+      if (n > 0) {
+        const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+        for (int j = 0; j < N / 2; ++j) {
+          w[k][j] = static_cast<uint32_t>(Bits16<T>::Of(pk.v[2 * j])) |
+                    static_cast<uint32_t>(Bits16<T>::Of(pk.v[2 * j + 1])) << 16;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < N / 2; ++j) w[k][j] = 0;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < N / 2; ++j) {
+        const uint32_t lo = 2 * j < n ? Bits16<T>::Of(p[2 * j]) : 0;
+        const uint32_t hi = 2 * j + 1 < n ? Bits16<T>::Of(p[2 * j + 1]) : 0;
+        w[k][j] = lo | hi << 16;
+      }
+    }
+  }
+  __device__ __forceinline__ C X(int k, int j) const { return Dev(k, j, C(0)); }
+  __device__ __forceinline__ void Shift(int, int, C) {}
+  // The words still hold x.
+  __device__ __forceinline__ void Reload(int, const T*, int, bool) {}
+  __device__ __forceinline__ void Refresh() {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+    for (int k = 0; k < kVpt; ++k) {
+#pragma unroll
+      for (int j = 0; j < N / 2; ++j) asm volatile("" : "+r"(w[k][j]));
+    }
+#endif
+  }
+  __device__ __forceinline__ C Dev(int k, int j, C shift) const {
+    const uint32_t word = w[k][j / 2];
+    const unsigned short bits = static_cast<unsigned short>(j % 2 ? word >> 16 : word & 0xffffu);
+    return Convert<T>::Widen(Bits16<T>::From(bits)) - shift;
+  }
+};
+
 // Elements of a register kernel's thread that lie in a row of d elements:
 // its element (k, j) is column (k * tpr + lane) * N + j, so those in the row
 // are a prefix in (k, j) order, of the length returned (<= kVpt * N).
@@ -619,6 +717,16 @@ __device__ __forceinline__ RowStats<C> WideStatsStreaming(const T* xr, int64_t d
   return FinishWideStats(mu, q[0], d, eps);
 }
 
+// Second __launch_bounds__ argument of ForwardRegistersKernel (0: none).
+// 16-bit rows of 4 vectors (32 elements, 16 words) need a little over 64
+// registers: left to itself ptxas targets 2 CTAs of 512 (64 registers) and
+// spills ~40 bytes; 1 makes it take the registers (1 CTA of 512 per SM, as
+// before these rows were held as words, when they took 123 registers).
+template <typename T, int kVpt>
+constexpr int ForwardRegistersMinBlocks() {
+  return sizeof(T) == 2 && kVpt == 4 ? 1 : 0;
+}
+
 // Row in registers; kVpt vectors of kVecWidth<T> elements per thread. The
 // mean is shifted by the row's first element (x - x[0] summed, as the CPU
 // kernels do): rows far from 0 relative to their spread keep their bits.
@@ -626,7 +734,7 @@ __device__ __forceinline__ RowStats<C> WideStatsStreaming(const T* xr, int64_t d
 // passes use: holding x as well (for the x - x detector, the output, the
 // double recomputation) kept two copies of the row live and spilled.
 template <typename T, typename U, int kVpt>
-__global__ void __launch_bounds__(kMaxThreadsPerRow)
+__global__ void __launch_bounds__(kMaxThreadsPerRow, ForwardRegistersMinBlocks<T, kVpt>())
     ForwardRegistersKernel(ForwardParams<T, U> p, int tpr, bool vec) {
   using C = ComputeT<T>;
   constexpr int N = kVecWidth<T>;
@@ -646,20 +754,21 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     const int64_t d = active ? p.d : 0;
     const int valid = active ? row_valid : 0;  // element (k, j) is in the row iff k * N + j < valid
     const T* xr = p.x + (active ? row : 0) * p.d;
-    const C shift = active && !p.rms ? MeanShift(Convert<T>::Widen(xr[0])) : C(0);
-    C v[kVpt][N];  // x - shift
+    C shift = active && !p.rms ? MeanShift(Convert<T>::Widen(xr[0])) : C(0);
+    HeldRow<T, kVpt, N> v;
     C sum[1] = {C(0)};
     // sq[1] sums x - x: 0 for a row of finite values, NaN otherwise.
     C sq[2] = {C(0), C(0)};
     const int tpr_in = Opaque(tpr);
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
-      LoadVecN<N>(xr + (static_cast<int64_t>(k) * tpr_in + lane) * N, valid - k * N, vec, v[k]);
+      v.Load(k, xr + (static_cast<int64_t>(k) * tpr_in + lane) * N, valid - k * N, vec);
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        sq[1] += v[k][j] - v[k][j];
-        v[k][j] -= shift;
-        sum[0] += k * N + j < valid ? v[k][j] : C(0);
+        const C x = v.X(k, j);
+        sq[1] += x - x;
+        v.Shift(k, j, shift);
+        sum[0] += k * N + j < valid ? v.Dev(k, j, shift) : C(0);
       }
     }
     if (!p.rms) RowAllReduce(sum, tpr, smem, parity);  // uniform branch
@@ -667,11 +776,12 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     // last bits of the spread, however the mean itself rounds.
     C center = p.rms ? C(0) : sum[0] * p.inv_d;  // mean - shift
     C mean = shift + center;
+    v.Refresh();
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        const C dev = v[k][j] - center;
+        const C dev = v.Dev(k, j, shift) - center;
         sq[0] += k * N + j < valid ? dev * dev : C(0);
       }
     }
@@ -690,9 +800,10 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
         // elements only, before it writes them (in place is still safe).
         mean = center = w.mean;
         rstd = w.rstd;
+        shift = C(0);
 #pragma unroll
         for (int k = 0; k < kVpt; ++k) {
-          LoadVecN<N>(xr + (static_cast<int64_t>(k) * tpr + lane) * N, valid - k * N, vec, v[k]);
+          v.Reload(k, xr + (static_cast<int64_t>(k) * tpr + lane) * N, valid - k * N, vec);
         }
       }
     }
@@ -702,6 +813,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
       p.rstd[row] = rstd;
     }
     T* yr = p.y + row * p.d;
+    v.Refresh();
     const int tpr_out = Opaque(tpr);
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
@@ -713,7 +825,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
       LoadVecN<N>(p.beta ? p.beta + col : nullptr, n, vec, b, C(0));
       // ((x - shift) - center), or (x - mean) for rows recomputed in double.
 #pragma unroll
-      for (int j = 0; j < N; ++j) out[j] = (v[k][j] - center) * rstd * g[j] + b[j];
+      for (int j = 0; j < N; ++j) out[j] = (v.Dev(k, j, shift) - center) * rstd * g[j] + b[j];
       StoreVecN<N>(yr + col, n, vec, out);
     }
   }
@@ -737,13 +849,13 @@ __global__ void __launch_bounds__(kStreamBlock)
     C shift = C(0);
     if (!p.rms) {
       shift = MeanShift(Convert<T>::Widen(xr[0]));  // see ForwardRegistersKernel
-      C v[kStreamUnroll][N];
+      HeldRow<T, kStreamUnroll, N> v;
       ForStrided<kStreamUnroll>(
           static_cast<int64_t>(threadIdx.x) * N, step, d,
-          [&](int u, int64_t col) { LoadVec<N>(xr, col, d, vec, v[u]); },
+          [&](int u, int64_t col) { v.Load(u, xr + col, Remaining<N>(col, d), vec); },
           [&](int u, int64_t col) {
 #pragma unroll
-            for (int j = 0; j < N; ++j) sum[0] += col + j < d ? v[u][j] - shift : C(0);
+            for (int j = 0; j < N; ++j) sum[0] += col + j < d ? v.X(u, j) - shift : C(0);
           });
       RowAllReduce(sum, tpr, smem, parity);
     }
@@ -751,16 +863,17 @@ __global__ void __launch_bounds__(kStreamBlock)
     C mean = shift + center;
     C sq[2] = {C(0), C(0)};  // squared deviations; x - x (NaN iff a value is not finite)
     {
-      C v[kStreamUnroll][N];
+      HeldRow<T, kStreamUnroll, N> v;
       ForStrided<kStreamUnroll>(
           static_cast<int64_t>(threadIdx.x) * N, step, d,
-          [&](int u, int64_t col) { LoadVec<N>(xr, col, d, vec, v[u]); },
+          [&](int u, int64_t col) { v.Load(u, xr + col, Remaining<N>(col, d), vec); },
           [&](int u, int64_t col) {
 #pragma unroll
             for (int j = 0; j < N; ++j) {
-              const C dev = (v[u][j] - shift) - center;
+              const C x = v.X(u, j);
+              const C dev = (x - shift) - center;
               sq[0] += col + j < d ? dev * dev : C(0);
-              sq[1] += v[u][j] - v[u][j];
+              sq[1] += x - x;
             }
           });
     }
@@ -781,11 +894,12 @@ __global__ void __launch_bounds__(kStreamBlock)
     {
       // In place (y == x): a thread reads x at its own columns before it
       // writes y there.
-      C v[kStreamOutUnroll][N], g[kStreamOutUnroll][N], b[kStreamOutUnroll][N];
+      HeldRow<T, kStreamOutUnroll, N> v;
+      C g[kStreamOutUnroll][N], b[kStreamOutUnroll][N];
       ForStrided<kStreamOutUnroll>(
           static_cast<int64_t>(threadIdx.x) * N, step, d,
           [&](int u, int64_t col) {
-            LoadVec<N>(xr, col, d, vec, v[u]);
+            v.Load(u, xr + col, Remaining<N>(col, d), vec);
             LoadVec<N>(p.gamma, col, d, vec, g[u], C(1));
             LoadVec<N>(p.beta, col, d, vec, b[u], C(0));
           },
@@ -793,7 +907,7 @@ __global__ void __launch_bounds__(kStreamBlock)
             C out[N];
 #pragma unroll
             for (int j = 0; j < N; ++j) {
-              out[j] = ((v[u][j] - shift) - center) * rstd * g[u][j] + b[u][j];
+              out[j] = ((v.X(u, j) - shift) - center) * rstd * g[u][j] + b[u][j];
             }
             StoreVec<N>(yr, col, d, vec, out);
           });
