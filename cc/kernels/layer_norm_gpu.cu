@@ -915,6 +915,46 @@ __global__ void __launch_bounds__(kStreamBlock)
   }
 }
 
+// The rows of x a forward column thread holds (kVpt > 0), as HeldRow: in
+// the compute type, or 16-bit values two to a 32-bit word (row j in bits
+// 16 * (j % 2) of word j / 2), widened exactly at each use.
+template <typename T, int kVpt, bool kWords = sizeof(T) == 2 && kVpt % 2 == 0>
+struct HeldColumn {
+  using C = ComputeT<T>;
+  C v[kVpt > 0 ? kVpt : 1];
+  __device__ __forceinline__ void Clear() {
+#pragma unroll
+    for (int j = 0; j < kVpt; ++j) v[j] = C(0);
+  }
+  __device__ __forceinline__ void Set(int j, T x) { v[j] = Convert<T>::Widen(x); }
+  __device__ __forceinline__ C Get(int j) const { return v[j]; }
+  __device__ __forceinline__ void Refresh() {}
+};
+template <typename T, int kVpt>
+struct HeldColumn<T, kVpt, true> {
+  using C = ComputeT<T>;
+  uint32_t w[kVpt / 2];
+  __device__ __forceinline__ void Clear() {
+#pragma unroll
+    for (int j = 0; j < kVpt / 2; ++j) w[j] = 0;
+  }
+  __device__ __forceinline__ void Set(int j, T x) {
+    w[j / 2] |= static_cast<uint32_t>(Bits16<T>::Of(x)) << (j % 2 ? 16 : 0);
+  }
+  __device__ __forceinline__ C Get(int j) const {
+    const uint32_t word = w[j / 2];
+    return Convert<T>::Widen(
+        Bits16<T>::From(static_cast<unsigned short>(j % 2 ? word >> 16 : word & 0xffffu)));
+  }
+  // Between the passes (see HeldRow::Refresh).
+  __device__ __forceinline__ void Refresh() {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+    for (int j = 0; j < kVpt / 2; ++j) asm volatile("" : "+r"(w[j]));
+#endif
+  }
+};
+
 // inner > 1: a CTA per (outer index, column tile) unit, the tile's D rows
 // spread over the thread rows. Three passes: the sum of x - shift (MeanShift
 // of the column's first element: columns like 1e4 + N(0, 0.1) keep their
@@ -945,20 +985,20 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
   const int64_t d = p.d, inner = p.inner, step = static_cast<int64_t>(cg.tr) * inner;
   for (int64_t u = blockIdx.x; u < cg.units; u += gridDim.x) {
     const ColumnUnit cu = ColumnUnitOf(cg, u, d, inner, tx, ty);
-    C v[kVpt > 0 ? kVpt : 1];
+    HeldColumn<T, kVpt> v;
     if constexpr (kVpt > 0) {
       const T* xp = p.x + cu.first;
-#pragma unroll
-      for (int j = 0; j < kVpt; ++j) v[j] = C(0);
+      v.Clear();
       ForColumnRows<kVpt>(cu.rows, [&](int j) {
-        v[j] = Convert<T>::Widen(*xp);
+        v.Set(j, *xp);
         xp += step;
       });
     }
     // f(x) over the thread's rows, from registers or from memory.
     auto each_row = [&](auto&& f) {
       if constexpr (kVpt > 0) {
-        ForColumnRows<kVpt>(cu.rows, [&](int j) { f(v[j]); });
+        v.Refresh();
+        ForColumnRows<kVpt>(cu.rows, [&](int j) { f(v.Get(j)); });
       } else {
         const T* xp = p.x + cu.first;
         ForColumnRows<0>(cu.rows, [&](int) {
