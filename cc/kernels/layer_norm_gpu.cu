@@ -918,7 +918,7 @@ __global__ void __launch_bounds__(kStreamBlock)
 // The rows of x a forward column thread holds (kVpt > 0), as HeldRow: in
 // the compute type, or 16-bit values two to a 32-bit word (row j in bits
 // 16 * (j % 2) of word j / 2), widened exactly at each use.
-template <typename T, int kVpt, bool kWords = sizeof(T) == 2 && kVpt % 2 == 0>
+template <typename T, int kVpt, bool kWords = (sizeof(T) == 2 && kVpt > 0 && kVpt % 2 == 0)>
 struct HeldColumn {
   using C = ComputeT<T>;
   C v[kVpt > 0 ? kVpt : 1];
