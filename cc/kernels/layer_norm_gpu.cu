@@ -717,14 +717,36 @@ __device__ __forceinline__ RowStats<C> WideStatsStreaming(const T* xr, int64_t d
   return FinishWideStats(mu, q[0], d, eps);
 }
 
-// Second __launch_bounds__ argument of ForwardRegistersKernel (0: none).
-// 16-bit rows of 4 vectors (32 elements, 16 words) need a little over 64
-// registers: left to itself ptxas targets 2 CTAs of 512 (64 registers) and
-// spills ~40 bytes; 1 makes it take the registers (1 CTA of 512 per SM, as
-// before these rows were held as words, when they took 123 registers).
+// Launch bounds of the register kernels, per instantiation (PlanRows:
+// the dtype's most vectors per thread, MaxVpt<T, kRowRegs>(), runs CTAs of up to
+// kMaxThreadsPerRow threads; fewer vectors always run kSmallRowsBlock).
+// Left to its own occupancy target ptxas settled at 56, 64 or 80 registers
+// depending on the arch, and spilled 4-40 bytes in the instantiations whose
+// need lies just above: the minimum CTAs per SM pin the register budget.
+//  - Max-vpt instantiations: no bound (they fit), except 16-bit rows of 4
+//    vectors (16 words held): 1 CTA of 512 per SM, 87-88 registers; the
+//    rows held as float took 123-125 registers, also 1 CTA.
+//  - kSmallRowsBlock instantiations: 8 CTAs of 128 (64 registers: all of an
+//    sm_75 SM's threads, half of an sm_80/sm_90 one) where that does not
+//    spill; 7 (72 registers) for float64 forward rows of 4 vectors and
+//    16-bit backward rows of 1; 6 (80 registers) where 72 still spilled on
+//    some arch: float forward rows of 4 vectors, float backward rows of 2
+//    (4 arrays of 8 registers); 5 (96 registers) for float64 backward rows
+//    of 2, which spilled at 80 on sm_90.
+template <typename T, int kRowRegs, int kVpt>
+constexpr int RowsMaxThreads() {
+  return kVpt < MaxVpt<T, kRowRegs>() ? kSmallRowsBlock : kMaxThreadsPerRow;
+}
 template <typename T, int kVpt>
 constexpr int ForwardRegistersMinBlocks() {
-  return sizeof(T) == 2 && kVpt == 4 ? 1 : 0;
+  if (kVpt == MaxVpt<T, kForwardRowRegs>()) return sizeof(T) == 2 && kVpt == 4 ? 1 : 0;
+  return sizeof(T) == 4 && kVpt >= 4 ? 6 : sizeof(T) == 8 && kVpt >= 4 ? 7 : 8;
+}
+template <typename T, int kVpt>
+constexpr int BackwardRegistersMinBlocks() {
+  if (kVpt == MaxVpt<T, kBackwardRowRegs>()) return 0;
+  if (kVpt * kVecWidth<T> * static_cast<int>(sizeof(ComputeT<T>)) / 4 < 8) return 8;
+  return sizeof(T) == 2 ? 7 : sizeof(T) == 4 ? 6 : 5;
 }
 
 // Row in registers; kVpt vectors of kVecWidth<T> elements per thread. The
@@ -734,7 +756,8 @@ constexpr int ForwardRegistersMinBlocks() {
 // passes use: holding x as well (for the x - x detector, the output, the
 // double recomputation) kept two copies of the row live and spilled.
 template <typename T, typename U, int kVpt>
-__global__ void __launch_bounds__(kMaxThreadsPerRow, ForwardRegistersMinBlocks<T, kVpt>())
+__global__ void __launch_bounds__(RowsMaxThreads<T, kForwardRowRegs, kVpt>(),
+                                  ForwardRegistersMinBlocks<T, kVpt>())
     ForwardRegistersKernel(ForwardParams<T, U> p, int tpr, bool vec) {
   using C = ComputeT<T>;
   constexpr int N = kVecWidth<T>;
@@ -1117,7 +1140,8 @@ struct BackwardParams {
 };
 
 template <typename T, typename U, int kVpt>
-__global__ void __launch_bounds__(kMaxThreadsPerRow)
+__global__ void __launch_bounds__(RowsMaxThreads<T, kBackwardRowRegs, kVpt>(),
+                                  BackwardRegistersMinBlocks<T, kVpt>())
     BackwardRegistersKernel(BackwardParams<T, U> p, int tpr, bool vec) {
   using C = ComputeT<T>;
   constexpr int N = kVecWidth<T>;
