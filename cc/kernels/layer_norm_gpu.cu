@@ -733,6 +733,16 @@ __device__ __forceinline__ RowStats<C> WideStatsStreaming(const T* xr, int64_t d
 //    some arch: float forward rows of 4 vectors, float backward rows of 2
 //    (4 arrays of 8 registers); 5 (96 registers) for float64 backward rows
 //    of 2, which spilled at 80 on sm_90.
+// Under nvcc the backward fits 64 registers without spills as it is (sm_75,
+// sm_90) and pinned budgets only cost occupancy (64 -> 68-76 registers):
+// there it keeps the plain kMaxThreadsPerRow bound. The forward needs its
+// budgets under both compilers (nvcc without them: 16-bit rows of 2 and 4
+// vectors spill 12-36 bytes at 64).
+#if defined(__clang__)
+constexpr bool kPinBackwardBudgets = true;
+#else
+constexpr bool kPinBackwardBudgets = false;
+#endif
 template <typename T, int kRowRegs, int kVpt>
 constexpr int RowsMaxThreads() {
   return kVpt < MaxVpt<T, kRowRegs>() ? kSmallRowsBlock : kMaxThreadsPerRow;
@@ -744,6 +754,7 @@ constexpr int ForwardRegistersMinBlocks() {
 }
 template <typename T, int kVpt>
 constexpr int BackwardRegistersMinBlocks() {
+  if (!kPinBackwardBudgets) return 0;
   if (kVpt == MaxVpt<T, kBackwardRowRegs>()) return 0;
   if (kVpt * kVecWidth<T> * static_cast<int>(sizeof(ComputeT<T>)) / 4 < 8) return 8;
   return sizeof(T) == 2 ? 7 : sizeof(T) == 4 ? 6 : 5;
@@ -1140,7 +1151,8 @@ struct BackwardParams {
 };
 
 template <typename T, typename U, int kVpt>
-__global__ void __launch_bounds__(RowsMaxThreads<T, kBackwardRowRegs, kVpt>(),
+__global__ void __launch_bounds__(kPinBackwardBudgets ? RowsMaxThreads<T, kBackwardRowRegs, kVpt>()
+                                                      : kMaxThreadsPerRow,
                                   BackwardRegistersMinBlocks<T, kVpt>())
     BackwardRegistersKernel(BackwardParams<T, U> p, int tpr, bool vec) {
   using C = ComputeT<T>;
