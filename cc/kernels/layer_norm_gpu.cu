@@ -69,6 +69,14 @@ constexpr int kMaxVpt = 8;
 constexpr int kSmallRowsBlock = 128;
 // CTA of the streaming (one row per CTA) kernels: 16 warps of loads in flight.
 constexpr int kStreamBlock = 512;
+// Vectors per thread and array each streaming pass has in flight
+// (ForStrided): 4 in the forward's passes over x alone, 2 where a pass reads
+// three arrays (the forward's output pass: x, gamma, beta; the backward: x,
+// dy, gamma), 6 loads in flight either way. Three arrays of 4 vectors, 12 x N
+// values, would not fit the 128 registers of a kStreamBlock CTA (spills).
+constexpr int kStreamUnroll = 4;
+constexpr int kStreamOutUnroll = 2;
+constexpr int kBackwardStreamUnroll = 2;
 // Column (inner > 1) kernels: a tile is at most kColumnTileCols adjacent
 // inner columns (a warp then reads 128 bytes of one float row); a CTA starts
 // at kColumnBlock threads (w columns x kColumnBlock / w rows of D) and grows
@@ -210,6 +218,203 @@ __device__ __forceinline__ void StoreVec(T* __restrict__ row, int64_t col, int64
   }
 }
 
+// The register kernels' access to vector k of a thread: `n` = elements of
+// the thread's valid prefix (ValidPrefix) left at it, k * N subtracted: the
+// vector lies in the row iff n > 0, its element j iff j < n (with `vec`, D
+// is a multiple of N and n >= N whenever n > 0). Masks that compare a
+// constant with one 32-bit register: the 64-bit column of every element,
+// invariant along the persistent row loop, was hoisted out of it by the
+// compiler and held two registers per element.
+template <int N, typename T, typename C>
+__device__ __forceinline__ void LoadVecN(const T* __restrict__ p, int n, bool vec, C (&out)[N],
+                                         C fill = C(0)) {
+  if (p == nullptr) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = fill;
+  } else if (vec) {
+    if (n > 0) {
+      const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+      for (int j = 0; j < N; ++j) out[j] = static_cast<C>(Convert<T>::Widen(pk.v[j]));
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j) out[j] = fill;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = j < n ? static_cast<C>(Convert<T>::Widen(p[j])) : fill;
+  }
+}
+
+template <int N, typename T, typename C>
+__device__ __forceinline__ void StoreVecN(T* __restrict__ p, int n, bool vec, const C (&in)[N]) {
+  if (vec) {
+    if (n > 0) {
+      Pack<T, N> pk;
+#pragma unroll
+      for (int j = 0; j < N; ++j) pk.v[j] = Convert<T>::Narrow(in[j]);
+      *reinterpret_cast<Pack<T, N>*>(p) = pk;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (j < n) p[j] = Convert<T>::Narrow(in[j]);
+    }
+  }
+}
+
+// `v`, which the compiler cannot see through: addresses and masks derived
+// from an Opaque() copy of a loop-invariant value inside the persistent row
+// loops are computed where they are used, rather than hoisted out of the
+// loop by the compiler's LICM and held in registers for its whole length
+// (with clang, two registers per vector per array: spills). A few integer
+// instructions per vector in exchange. A no-op outside the device compile.
+__device__ __forceinline__ int Opaque(int v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+
+// Elements of row[col .. col + N) inside a row of d (col < d: 1 .. N), as
+// LoadVecN counts them.
+template <int N>
+__device__ __forceinline__ int Remaining(int64_t col, int64_t d) {
+  return d - col < N ? static_cast<int>(d - col) : N;
+}
+
+// The row a register kernel's thread holds: kVpt vectors of N elements,
+// read by LoadVecN and used in several passes as x - shift (C). float and
+// double rows are held as x - shift itself. 16-bit rows are held as their
+// storage words, two elements per 32-bit register, and widened (exactly) at
+// each use: half the registers of a row held in float, the same values
+// (x - shift rounds the same wherever it is computed). Refresh() between the
+// passes keeps the compiler from reusing one pass's widened values in the
+// next (it would hold them all, in float, across the reduction between).
+template <typename T, int kVpt, int N, bool kWords = sizeof(T) == 2>
+struct HeldRow {
+  using C = ComputeT<T>;
+  C v[kVpt][N];  // x, then x - shift once Shift() has run
+  __device__ __forceinline__ void Load(int k, const T* __restrict__ p, int n, bool vec) {
+    LoadVecN<N>(p, n, vec, v[k]);
+  }
+  // x before Shift(k, j), x - shift after it.
+  __device__ __forceinline__ C X(int k, int j) const { return v[k][j]; }
+  __device__ __forceinline__ void Shift(int k, int j, C shift) { v[k][j] -= shift; }
+  // x again after the double recomputation (shift 0 from then on).
+  __device__ __forceinline__ void Reload(int k, const T* __restrict__ p, int n, bool vec) {
+    LoadVecN<N>(p, n, vec, v[k]);
+  }
+  __device__ __forceinline__ void Refresh() {}
+  // x - shift, after Shift().
+  __device__ __forceinline__ C Dev(int k, int j, C /*shift*/) const { return v[k][j]; }
+};
+
+template <typename T>
+struct Bits16;
+template <>
+struct Bits16<__half> {
+  static __device__ __forceinline__ unsigned short Of(__half h) { return __half_as_ushort(h); }
+  static __device__ __forceinline__ __half From(unsigned short u) { return __ushort_as_half(u); }
+};
+template <>
+struct Bits16<__nv_bfloat16> {
+  static __device__ __forceinline__ unsigned short Of(__nv_bfloat16 h) {
+    return __bfloat16_as_ushort(h);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 From(unsigned short u) {
+    return __ushort_as_bfloat16(u);
+  }
+};
+
+template <typename T, int kVpt, int N>
+struct HeldRow<T, kVpt, N, true> {
+  static_assert(N % 2 == 0, "two 16-bit elements per word");
+  using C = ComputeT<T>;
+  uint32_t w[kVpt][N / 2];  // element j in bits 16 * (j % 2) of word j / 2; 0 outside the row
+  __device__ __forceinline__ void Load(int k, const T* __restrict__ p, int n, bool vec) {
+    if (vec) {
+      if (n > 0) {
+        const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+        for (int j = 0; j < N / 2; ++j) {
+          w[k][j] = static_cast<uint32_t>(Bits16<T>::Of(pk.v[2 * j])) |
+                    static_cast<uint32_t>(Bits16<T>::Of(pk.v[2 * j + 1])) << 16;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < N / 2; ++j) w[k][j] = 0;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < N / 2; ++j) {
+        const uint32_t lo = 2 * j < n ? Bits16<T>::Of(p[2 * j]) : 0;
+        const uint32_t hi = 2 * j + 1 < n ? Bits16<T>::Of(p[2 * j + 1]) : 0;
+        w[k][j] = lo | hi << 16;
+      }
+    }
+  }
+  __device__ __forceinline__ C X(int k, int j) const { return Dev(k, j, C(0)); }
+  __device__ __forceinline__ void Shift(int, int, C) {}
+  // The words still hold x.
+  __device__ __forceinline__ void Reload(int, const T*, int, bool) {}
+  __device__ __forceinline__ void Refresh() {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+    for (int k = 0; k < kVpt; ++k) {
+#pragma unroll
+      for (int j = 0; j < N / 2; ++j) asm volatile("" : "+r"(w[k][j]));
+    }
+#endif
+  }
+  __device__ __forceinline__ C Dev(int k, int j, C shift) const {
+    const uint32_t word = w[k][j / 2];
+    const unsigned short bits = static_cast<unsigned short>(j % 2 ? word >> 16 : word & 0xffffu);
+    return Convert<T>::Widen(Bits16<T>::From(bits)) - shift;
+  }
+};
+
+// Elements of a register kernel's thread that lie in a row of d elements:
+// its element (k, j) is column (k * tpr + lane) * N + j, so those in the row
+// are a prefix in (k, j) order, of the length returned (<= kVpt * N).
+template <int kVpt, int N>
+__device__ __forceinline__ int ValidPrefix(int64_t d, int tpr, int lane) {
+  int n = 0;
+  int64_t rem = d - static_cast<int64_t>(lane) * N;
+#pragma unroll
+  for (int k = 0; k < kVpt; ++k) {
+    n += rem <= 0 ? 0 : rem < N ? static_cast<int>(rem) : N;
+    rem -= static_cast<int64_t>(tpr) * N;
+  }
+  return n;
+}
+
+// The streaming loops: col = start, start + step, ... < end, kU columns at a
+// time (memory-level parallelism: kU loads in flight per thread), as an
+// outer runtime loop over whole groups of kU columns whose inner loops have
+// a fixed count, then the remaining columns one at a time. load(u, col) for
+// the kU columns of a group, then use(u, col) for them in column order: the
+// loads are issued before any use (or store) of the group. The caller's
+// per-column state is indexed by u (the remainder uses u = 0). clang does
+// not runtime-unroll a loop of runtime stride ("#pragma unroll 4" on it was
+// ignored, with a warning); this gives the same schedule under any compiler.
+template <int kU, typename Load, typename Use>
+__device__ __forceinline__ void ForStrided(int64_t start, int64_t step, int64_t end, Load&& load,
+                                           Use&& use) {
+  int64_t col = start;
+  for (; col + (kU - 1) * step < end; col += kU * step) {
+#pragma unroll
+    for (int u = 0; u < kU; ++u) load(u, col + u * step);
+#pragma unroll
+    for (int u = 0; u < kU; ++u) use(u, col + u * step);
+  }
+#pragma unroll 1
+  for (; col < end; col += step) {
+    load(0, col);
+    use(0, col);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Reductions. Every thread of a row group ends with the same bits: a xor
 // butterfly adds the same two operands on both sides (a + b == b + a), and the
@@ -310,8 +515,15 @@ __device__ __forceinline__ void ForColumnRows(int64_t rows, F&& f) {
       if (j < n) f(j);
     }
   } else {
-#pragma unroll 4
-    for (int64_t j = 0; j < rows; ++j) f(0);
+    // Groups of 4 rows in straight-line code (4 loads in flight), then the
+    // rest: what "#pragma unroll 4" asked for, which clang ignored here.
+    int64_t j = 0;
+    for (; j + 4 <= rows; j += 4) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) f(0);
+    }
+#pragma unroll 1
+    for (; j < rows; ++j) f(0);
   }
 }
 
@@ -340,10 +552,16 @@ __device__ __forceinline__ void ColumnAllReduce(C (&v)[K], int w, C* smem, int& 
   }
   __syncthreads();
   const int tx = lane % w;
+  // The warps' slots are w * K apart; from an Opaque() copy of w, so that the
+  // compiler does not hoist the multiples of the stride its unrolling of the
+  // loop over the warps uses out of the kernels' unit loops (8 registers held
+  // across the whole kernel: spills in BackwardColumnsKernel with clang).
+  const int stride = Opaque(w) * K;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     C s = 0;
-    for (int q = 0; q < warps; ++q) s += buf[(q * w + tx) * K + k];
+    const C* b = buf + tx * K + k;
+    for (int q = 0; q < warps; ++q, b += stride) s += *b;
     v[k] = s;
   }
 }
@@ -434,33 +652,41 @@ __device__ __forceinline__ RowStats<C> FinishWideStats(double mean, double sq, i
           static_cast<C>(1.0 / sqrt(sq / static_cast<double>(d) + static_cast<double>(eps)))};
 }
 
-// Double statistics of a row held in registers (v, as the register kernels
-// load it), reduced over the row's tpr threads like the float ones. Every
-// thread of the row group calls it (warp- or CTA-uniform branch).
-template <typename C, int kVpt, int N>
-__device__ __forceinline__ RowStats<C> WideStatsRegisters(const C (&v)[kVpt][N], int lane,
-                                                          int tpr, int64_t d, bool rms, C eps,
-                                                          double (*smem)[kWarp][1],
+// Double statistics of a row whose elements the register kernels hold (x
+// at the columns (k * tpr + lane) * N + j, as they load it), re-read from
+// memory one vector at a time: the register kernels keep x - shift, not x,
+// and this rare branch then costs their hot path no registers. Reduced over
+// the row's tpr threads like the float statistics, the elements added in
+// the same order as from registers. Every thread of the row group calls it
+// (warp- or CTA-uniform branch).
+template <typename T, typename C, int kVpt, int N>
+__device__ __forceinline__ RowStats<C> WideStatsRegisters(const T* xr, bool vec, int lane,
+                                                          int tpr, int valid, int64_t d, bool rms,
+                                                          C eps, double (*smem)[kWarp][1],
                                                           int& parity) {
   double s[1] = {0.0};
   if (!rms) {
-#pragma unroll
+#pragma unroll 1
     for (int k = 0; k < kVpt; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
+      const int n = valid - k * N;
+      C v[N];
+      LoadVecN<N>(xr + (static_cast<int64_t>(k) * tpr + lane) * N, n, vec, v);
 #pragma unroll
-      for (int j = 0; j < N; ++j) s[0] += col + j < d ? static_cast<double>(v[k][j]) : 0.0;
+      for (int j = 0; j < N; ++j) s[0] += j < n ? static_cast<double>(v[j]) : 0.0;
     }
     RowAllReduce(s, tpr, smem, parity);
   }
   const double mu = rms || d == 0 ? 0.0 : s[0] / static_cast<double>(d);
   double q[1] = {0.0};
-#pragma unroll
+#pragma unroll 1
   for (int k = 0; k < kVpt; ++k) {
-    const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
+    const int n = valid - k * N;
+    C v[N];
+    LoadVecN<N>(xr + (static_cast<int64_t>(k) * tpr + lane) * N, n, vec, v);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const double dev = static_cast<double>(v[k][j]) - mu;
-      q[0] += col + j < d ? dev * dev : 0.0;
+      const double dev = static_cast<double>(v[j]) - mu;
+      q[0] += j < n ? dev * dev : 0.0;
     }
   }
   RowAllReduce(q, tpr, smem, parity);
@@ -491,11 +717,58 @@ __device__ __forceinline__ RowStats<C> WideStatsStreaming(const T* xr, int64_t d
   return FinishWideStats(mu, q[0], d, eps);
 }
 
+// Launch bounds of the register kernels, per instantiation (PlanRows:
+// the dtype's most vectors per thread, MaxVpt<T, kRowRegs>(), runs CTAs of up to
+// kMaxThreadsPerRow threads; fewer vectors always run kSmallRowsBlock).
+// Left to its own occupancy target ptxas settled at 56, 64 or 80 registers
+// depending on the arch, and spilled 4-40 bytes in the instantiations whose
+// need lies just above: the minimum CTAs per SM pin the register budget.
+//  - Max-vpt instantiations: no bound (they fit), except 16-bit rows of 4
+//    vectors (16 words held): 1 CTA of 512 per SM, 87-88 registers; the
+//    rows held as float took 123-125 registers, also 1 CTA.
+//  - kSmallRowsBlock instantiations: 8 CTAs of 128 (64 registers: all of an
+//    sm_75 SM's threads, half of an sm_80/sm_90 one) where that does not
+//    spill; 7 (72 registers) for float64 forward rows of 4 vectors and
+//    16-bit backward rows of 1; 6 (80 registers) where 72 still spilled on
+//    some arch: float forward rows of 4 vectors, float backward rows of 2
+//    (4 arrays of 8 registers); 5 (96 registers) for float64 backward rows
+//    of 2, which spilled at 80 on sm_90.
+// Under nvcc the backward fits 64 registers without spills as it is (sm_75,
+// sm_90) and pinned budgets only cost occupancy (64 -> 68-76 registers):
+// there it keeps the plain kMaxThreadsPerRow bound. The forward needs its
+// budgets under both compilers (nvcc without them: 16-bit rows of 2 and 4
+// vectors spill 12-36 bytes at 64).
+#if defined(__clang__)
+constexpr bool kPinBackwardBudgets = true;
+#else
+constexpr bool kPinBackwardBudgets = false;
+#endif
+template <typename T, int kRowRegs, int kVpt>
+constexpr int RowsMaxThreads() {
+  return kVpt < MaxVpt<T, kRowRegs>() ? kSmallRowsBlock : kMaxThreadsPerRow;
+}
+template <typename T, int kVpt>
+constexpr int ForwardRegistersMinBlocks() {
+  if (kVpt == MaxVpt<T, kForwardRowRegs>()) return sizeof(T) == 2 && kVpt == 4 ? 1 : 0;
+  return sizeof(T) == 4 && kVpt >= 4 ? 6 : sizeof(T) == 8 && kVpt >= 4 ? 7 : 8;
+}
+template <typename T, int kVpt>
+constexpr int BackwardRegistersMinBlocks() {
+  if (!kPinBackwardBudgets) return 0;
+  if (kVpt == MaxVpt<T, kBackwardRowRegs>()) return 0;
+  if (kVpt * kVecWidth<T> * static_cast<int>(sizeof(ComputeT<T>)) / 4 < 8) return 8;
+  return sizeof(T) == 2 ? 7 : sizeof(T) == 4 ? 6 : 5;
+}
+
 // Row in registers; kVpt vectors of kVecWidth<T> elements per thread. The
 // mean is shifted by the row's first element (x - x[0] summed, as the CPU
 // kernels do): rows far from 0 relative to their spread keep their bits.
+// The registers hold x - shift, the one value of an element that all three
+// passes use: holding x as well (for the x - x detector, the output, the
+// double recomputation) kept two copies of the row live and spilled.
 template <typename T, typename U, int kVpt>
-__global__ void __launch_bounds__(kMaxThreadsPerRow)
+__global__ void __launch_bounds__(RowsMaxThreads<T, kForwardRowRegs, kVpt>(),
+                                  ForwardRegistersMinBlocks<T, kVpt>())
     ForwardRegistersKernel(ForwardParams<T, U> p, int tpr, bool vec) {
   using C = ComputeT<T>;
   constexpr int N = kVecWidth<T>;
@@ -505,6 +778,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
   const int lane = threadIdx.x % tpr;
   const int rows_per_cta = blockDim.x / tpr;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * rows_per_cta;
+  const int row_valid = ValidPrefix<kVpt, N>(p.d, tpr, lane);  // p.d <= kVpt * tpr * N
   // Every thread runs the same trip count (barriers inside); idle rows read
   // zeros and write nothing.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_cta; base < p.rows;
@@ -512,32 +786,37 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     const int64_t row = base + threadIdx.x / tpr;
     const bool active = row < p.rows;
     const int64_t d = active ? p.d : 0;
+    const int valid = active ? row_valid : 0;  // element (k, j) is in the row iff k * N + j < valid
     const T* xr = p.x + (active ? row : 0) * p.d;
-    const C shift = active && !p.rms ? MeanShift(Convert<T>::Widen(xr[0])) : C(0);
-    C v[kVpt][N];
+    C shift = active && !p.rms ? MeanShift(Convert<T>::Widen(xr[0])) : C(0);
+    HeldRow<T, kVpt, N> v;
     C sum[1] = {C(0)};
+    // sq[1] sums x - x: 0 for a row of finite values, NaN otherwise.
+    C sq[2] = {C(0), C(0)};
+    const int tpr_in = Opaque(tpr);
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
-      LoadVec<N>(xr, col, d, vec, v[k]);
+      v.Load(k, xr + (static_cast<int64_t>(k) * tpr_in + lane) * N, valid - k * N, vec);
 #pragma unroll
-      for (int j = 0; j < N; ++j) sum[0] += col + j < d ? v[k][j] - shift : C(0);
+      for (int j = 0; j < N; ++j) {
+        const C x = v.X(k, j);
+        sq[1] += x - x;
+        v.Shift(k, j, shift);
+        sum[0] += k * N + j < valid ? v.Dev(k, j, shift) : C(0);
+      }
     }
     if (!p.rms) RowAllReduce(sum, tpr, smem, parity);  // uniform branch
     // Deviations are taken as (x - shift) - (mean - shift): exact to the
     // last bits of the spread, however the mean itself rounds.
-    const C mean_shifted = p.rms ? C(0) : sum[0] * p.inv_d;
-    C mean = shift + mean_shifted;
-    // sq[1] sums x - x: 0 for a row of finite values, NaN otherwise.
-    C sq[2] = {C(0), C(0)};
+    C center = p.rms ? C(0) : sum[0] * p.inv_d;  // mean - shift
+    C mean = shift + center;
+    v.Refresh();
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        const C dev = (v[k][j] - shift) - mean_shifted;
-        sq[0] += col + j < d ? dev * dev : C(0);
-        sq[1] += v[k][j] - v[k][j];
+        const C dev = v.Dev(k, j, shift) - center;
+        sq[0] += k * N + j < valid ? dev * dev : C(0);
       }
     }
     RowAllReduce(sq, tpr, smem, parity);
@@ -546,16 +825,20 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     // recomputation's shuffles need the whole warp (rows of up to 32 threads)
     // or the whole CTA (one row per CTA, where the decision is CTA-uniform).
     const bool wide = active && sq[1] == C(0) && NeedsWideStats(mean, rstd);
-    // y = ((x - y_shift) - center) * rstd. Rows recomputed in double may
-    // span more than float's range (x - shift overflows): they use the mean.
-    C y_shift = shift, center = mean_shifted;
     if (tpr <= kWarp ? __any_sync(0xffffffffu, wide) : wide) {
-      const RowStats<C> w =
-          WideStatsRegisters(v, lane, tpr, d, p.rms, p.eps, wide_smem, wide_parity);
+      const RowStats<C> w = WideStatsRegisters<T, C, kVpt, N>(
+          xr, vec, lane, tpr, valid, d, p.rms, p.eps, wide_smem, wide_parity);
       if (wide) {
+        // Such rows may span more than float's range (x - shift overflows):
+        // y is taken from x and the mean itself. The thread re-reads its own
+        // elements only, before it writes them (in place is still safe).
         mean = center = w.mean;
         rstd = w.rstd;
-        y_shift = C(0);
+        shift = C(0);
+#pragma unroll
+        for (int k = 0; k < kVpt; ++k) {
+          v.Reload(k, xr + (static_cast<int64_t>(k) * tpr + lane) * N, valid - k * N, vec);
+        }
       }
     }
     if (!active) continue;
@@ -564,16 +847,20 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
       p.rstd[row] = rstd;
     }
     T* yr = p.y + row * p.d;
+    v.Refresh();
+    const int tpr_out = Opaque(tpr);
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
-      if (col >= d) break;
+      const int n = valid - k * N;
+      if (n <= 0) break;
+      const int64_t col = (static_cast<int64_t>(k) * tpr_out + lane) * N;
       C g[N], b[N], out[N];
-      LoadVec<N>(p.gamma, col, d, vec, g, C(1));
-      LoadVec<N>(p.beta, col, d, vec, b, C(0));
+      LoadVecN<N>(p.gamma ? p.gamma + col : nullptr, n, vec, g, C(1));
+      LoadVecN<N>(p.beta ? p.beta + col : nullptr, n, vec, b, C(0));
+      // ((x - shift) - center), or (x - mean) for rows recomputed in double.
 #pragma unroll
-      for (int j = 0; j < N; ++j) out[j] = ((v[k][j] - y_shift) - center) * rstd * g[j] + b[j];
-      StoreVec<N>(yr, col, d, vec, out);
+      for (int j = 0; j < N; ++j) out[j] = (v.Dev(k, j, shift) - center) * rstd * g[j] + b[j];
+      StoreVecN<N>(yr + col, n, vec, out);
     }
   }
 }
@@ -596,28 +883,33 @@ __global__ void __launch_bounds__(kStreamBlock)
     C shift = C(0);
     if (!p.rms) {
       shift = MeanShift(Convert<T>::Widen(xr[0]));  // see ForwardRegistersKernel
-#pragma unroll 4
-      for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
-        C v[N];
-        LoadVec<N>(xr, col, d, vec, v);
+      HeldRow<T, kStreamUnroll, N> v;
+      ForStrided<kStreamUnroll>(
+          static_cast<int64_t>(threadIdx.x) * N, step, d,
+          [&](int u, int64_t col) { v.Load(u, xr + col, Remaining<N>(col, d), vec); },
+          [&](int u, int64_t col) {
 #pragma unroll
-        for (int j = 0; j < N; ++j) sum[0] += col + j < d ? v[j] - shift : C(0);
-      }
+            for (int j = 0; j < N; ++j) sum[0] += col + j < d ? v.X(u, j) - shift : C(0);
+          });
       RowAllReduce(sum, tpr, smem, parity);
     }
     C center = p.rms ? C(0) : sum[0] * p.inv_d;  // mean - shift, as in ForwardRegistersKernel
     C mean = shift + center;
     C sq[2] = {C(0), C(0)};  // squared deviations; x - x (NaN iff a value is not finite)
-#pragma unroll 4
-    for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
-      C v[N];
-      LoadVec<N>(xr, col, d, vec, v);
+    {
+      HeldRow<T, kStreamUnroll, N> v;
+      ForStrided<kStreamUnroll>(
+          static_cast<int64_t>(threadIdx.x) * N, step, d,
+          [&](int u, int64_t col) { v.Load(u, xr + col, Remaining<N>(col, d), vec); },
+          [&](int u, int64_t col) {
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const C dev = (v[j] - shift) - center;
-        sq[0] += col + j < d ? dev * dev : C(0);
-        sq[1] += v[j] - v[j];
-      }
+            for (int j = 0; j < N; ++j) {
+              const C x = v.X(u, j);
+              const C dev = (x - shift) - center;
+              sq[0] += col + j < d ? dev * dev : C(0);
+              sq[1] += x - x;
+            }
+          });
     }
     RowAllReduce(sq, tpr, smem, parity);
     C rstd = InvSqrt(sq[0] * p.inv_d + p.eps);
@@ -633,18 +925,69 @@ __global__ void __launch_bounds__(kStreamBlock)
       p.rstd[row] = rstd;
     }
     T* yr = p.y + row * d;
-#pragma unroll 4
-    for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
-      C v[N], g[N], b[N], out[N];
-      LoadVec<N>(xr, col, d, vec, v);
-      LoadVec<N>(p.gamma, col, d, vec, g, C(1));
-      LoadVec<N>(p.beta, col, d, vec, b, C(0));
+    {
+      // In place (y == x): a thread reads x at its own columns before it
+      // writes y there.
+      HeldRow<T, kStreamOutUnroll, N> v;
+      C g[kStreamOutUnroll][N], b[kStreamOutUnroll][N];
+      ForStrided<kStreamOutUnroll>(
+          static_cast<int64_t>(threadIdx.x) * N, step, d,
+          [&](int u, int64_t col) {
+            v.Load(u, xr + col, Remaining<N>(col, d), vec);
+            LoadVec<N>(p.gamma, col, d, vec, g[u], C(1));
+            LoadVec<N>(p.beta, col, d, vec, b[u], C(0));
+          },
+          [&](int u, int64_t col) {
+            C out[N];
 #pragma unroll
-      for (int j = 0; j < N; ++j) out[j] = ((v[j] - shift) - center) * rstd * g[j] + b[j];
-      StoreVec<N>(yr, col, d, vec, out);
+            for (int j = 0; j < N; ++j) {
+              out[j] = ((v.X(u, j) - shift) - center) * rstd * g[u][j] + b[u][j];
+            }
+            StoreVec<N>(yr, col, d, vec, out);
+          });
     }
   }
 }
+
+// The rows of x a forward column thread holds (kVpt > 0), as HeldRow: in
+// the compute type, or 16-bit values two to a 32-bit word (row j in bits
+// 16 * (j % 2) of word j / 2), widened exactly at each use.
+template <typename T, int kVpt, bool kWords = (sizeof(T) == 2 && kVpt > 0 && kVpt % 2 == 0)>
+struct HeldColumn {
+  using C = ComputeT<T>;
+  C v[kVpt > 0 ? kVpt : 1];
+  __device__ __forceinline__ void Clear() {
+#pragma unroll
+    for (int j = 0; j < kVpt; ++j) v[j] = C(0);
+  }
+  __device__ __forceinline__ void Set(int j, T x) { v[j] = Convert<T>::Widen(x); }
+  __device__ __forceinline__ C Get(int j) const { return v[j]; }
+  __device__ __forceinline__ void Refresh() {}
+};
+template <typename T, int kVpt>
+struct HeldColumn<T, kVpt, true> {
+  using C = ComputeT<T>;
+  uint32_t w[kVpt / 2];
+  __device__ __forceinline__ void Clear() {
+#pragma unroll
+    for (int j = 0; j < kVpt / 2; ++j) w[j] = 0;
+  }
+  __device__ __forceinline__ void Set(int j, T x) {
+    w[j / 2] |= static_cast<uint32_t>(Bits16<T>::Of(x)) << (j % 2 ? 16 : 0);
+  }
+  __device__ __forceinline__ C Get(int j) const {
+    const uint32_t word = w[j / 2];
+    return Convert<T>::Widen(
+        Bits16<T>::From(static_cast<unsigned short>(j % 2 ? word >> 16 : word & 0xffffu)));
+  }
+  // Between the passes (see HeldRow::Refresh).
+  __device__ __forceinline__ void Refresh() {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+    for (int j = 0; j < kVpt / 2; ++j) asm volatile("" : "+r"(w[j]));
+#endif
+  }
+};
 
 // inner > 1: a CTA per (outer index, column tile) unit, the tile's D rows
 // spread over the thread rows. Three passes: the sum of x - shift (MeanShift
@@ -676,20 +1019,20 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
   const int64_t d = p.d, inner = p.inner, step = static_cast<int64_t>(cg.tr) * inner;
   for (int64_t u = blockIdx.x; u < cg.units; u += gridDim.x) {
     const ColumnUnit cu = ColumnUnitOf(cg, u, d, inner, tx, ty);
-    C v[kVpt > 0 ? kVpt : 1];
+    HeldColumn<T, kVpt> v;
     if constexpr (kVpt > 0) {
       const T* xp = p.x + cu.first;
-#pragma unroll
-      for (int j = 0; j < kVpt; ++j) v[j] = C(0);
+      v.Clear();
       ForColumnRows<kVpt>(cu.rows, [&](int j) {
-        v[j] = Convert<T>::Widen(*xp);
+        v.Set(j, *xp);
         xp += step;
       });
     }
     // f(x) over the thread's rows, from registers or from memory.
     auto each_row = [&](auto&& f) {
       if constexpr (kVpt > 0) {
-        ForColumnRows<kVpt>(cu.rows, [&](int j) { f(v[j]); });
+        v.Refresh();
+        ForColumnRows<kVpt>(cu.rows, [&](int j) { f(v.Get(j)); });
       } else {
         const T* xp = p.x + cu.first;
         ForColumnRows<0>(cu.rows, [&](int) {
@@ -808,7 +1151,9 @@ struct BackwardParams {
 };
 
 template <typename T, typename U, int kVpt>
-__global__ void __launch_bounds__(kMaxThreadsPerRow)
+__global__ void __launch_bounds__(kPinBackwardBudgets ? RowsMaxThreads<T, kBackwardRowRegs, kVpt>()
+                                                      : kMaxThreadsPerRow,
+                                  BackwardRegistersMinBlocks<T, kVpt>())
     BackwardRegistersKernel(BackwardParams<T, U> p, int tpr, bool vec) {
   using C = ComputeT<T>;
   constexpr int N = kVecWidth<T>;
@@ -824,26 +1169,31 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
 #pragma unroll
     for (int j = 0; j < N; ++j) acc_g[k][j] = acc_b[k][j] = C(0);
   }
+  // Masks and addresses as in ForwardRegistersKernel (ValidPrefix, Opaque):
+  // 32-bit masks, addresses computed in the row loop rather than hoisted.
+  const int row_valid = ValidPrefix<kVpt, N>(p.d, tpr, lane);  // p.d <= kVpt * tpr * N
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_cta; base < p.rows;
        base += stride) {
     const int64_t row = base + threadIdx.x / tpr;
     const bool active = row < p.rows;
-    const int64_t d = active ? p.d : 0;
+    const int valid = active ? row_valid : 0;  // element (k, j) is in the row iff k * N + j < valid
     const int64_t offset = (active ? row : 0) * p.d;
     const C mu = active && p.mean ? p.mean[row] : C(0);
     const C rs = active ? p.rstd[row] : C(0);
     C xh[kVpt][N], g[kVpt][N];
     C s[2] = {C(0), C(0)};
+    const int tpr_in = Opaque(tpr);
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
+      const int64_t col = (static_cast<int64_t>(k) * tpr_in + lane) * N;
+      const int n = valid - k * N;
       C gm[N];
-      LoadVec<N>(p.x + offset, col, d, vec, xh[k]);
-      LoadVec<N>(p.dy + offset, col, d, vec, g[k]);
-      LoadVec<N>(p.gamma, col, d, vec, gm, C(1));
+      LoadVecN<N>(p.x + offset + col, n, vec, xh[k]);
+      LoadVecN<N>(p.dy + offset + col, n, vec, g[k]);
+      LoadVecN<N>(p.gamma ? p.gamma + col : nullptr, n, vec, gm, C(1));
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        const C xhat = col + j < d ? (xh[k][j] - mu) * rs : C(0);
+        const C xhat = j < n ? (xh[k][j] - mu) * rs : C(0);
         const C dyv = g[k][j];  // zero outside the row
         acc_g[k][j] += dyv * xhat;
         acc_b[k][j] += dyv;
@@ -856,14 +1206,16 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     RowAllReduce(s, tpr, smem, parity);
     if (!active) continue;
     const C mean_g = p.rms ? C(0) : s[0] * p.inv_d, mean_gx = s[1] * p.inv_d;
+    const int tpr_out = Opaque(tpr);
 #pragma unroll
     for (int k = 0; k < kVpt; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * tpr + lane) * N;
-      if (col >= d) break;
+      const int n = valid - k * N;
+      if (n <= 0) break;
+      const int64_t col = (static_cast<int64_t>(k) * tpr_out + lane) * N;
       C out[N];
 #pragma unroll
       for (int j = 0; j < N; ++j) out[j] = rs * (g[k][j] - mean_g - xh[k][j] * mean_gx);
-      StoreVec<N>(p.dx + offset, col, d, vec, out);
+      StoreVecN<N>(p.dx + offset + col, n, vec, out);
     }
   }
   if (p.part_dgamma == nullptr && p.part_dbeta == nullptr) return;
@@ -913,35 +1265,34 @@ __global__ void __launch_bounds__(kStreamBlock)
     const int64_t offset = row * d;
     const C mu = p.mean ? p.mean[row] : C(0), rs = p.rstd[row];
     C s[2] = {C(0), C(0)};
-#pragma unroll 2
-    for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
-      C xv[N], dyv[N], gm[N];
-      LoadVec<N>(p.x + offset, col, d, vec, xv);
-      LoadVec<N>(p.dy + offset, col, d, vec, dyv);
-      LoadVec<N>(p.gamma, col, d, vec, gm, C(1));
+    C xv[kBackwardStreamUnroll][N], dyv[kBackwardStreamUnroll][N], gm[kBackwardStreamUnroll][N];
+    auto load = [&](int u, int64_t col) {
+      LoadVec<N>(p.x + offset, col, d, vec, xv[u]);
+      LoadVec<N>(p.dy + offset, col, d, vec, dyv[u]);
+      LoadVec<N>(p.gamma, col, d, vec, gm[u], C(1));
+    };
+    ForStrided<kBackwardStreamUnroll>(
+        static_cast<int64_t>(threadIdx.x) * N, step, d, load, [&](int u, int64_t col) {
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const C xhat = col + j < d ? (xv[j] - mu) * rs : C(0);
-        const C g = dyv[j] * gm[j];
-        s[0] += g;
-        s[1] += g * xhat;
-      }
-    }
+          for (int j = 0; j < N; ++j) {
+            const C xhat = col + j < d ? (xv[u][j] - mu) * rs : C(0);
+            const C g = dyv[u][j] * gm[u][j];
+            s[0] += g;
+            s[1] += g * xhat;
+          }
+        });
     RowAllReduce(s, static_cast<int>(blockDim.x), smem, parity);
     const C mean_g = p.rms ? C(0) : s[0] * p.inv_d, mean_gx = s[1] * p.inv_d;
-#pragma unroll 2
-    for (int64_t col = static_cast<int64_t>(threadIdx.x) * N; col < d; col += step) {
-      C xv[N], dyv[N], gm[N], out[N];
-      LoadVec<N>(p.x + offset, col, d, vec, xv);
-      LoadVec<N>(p.dy + offset, col, d, vec, dyv);
-      LoadVec<N>(p.gamma, col, d, vec, gm, C(1));
+    ForStrided<kBackwardStreamUnroll>(
+        static_cast<int64_t>(threadIdx.x) * N, step, d, load, [&](int u, int64_t col) {
+          C out[N];
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const C xhat = (xv[j] - mu) * rs;
-        out[j] = rs * (dyv[j] * gm[j] - mean_g - xhat * mean_gx);
-      }
-      StoreVec<N>(p.dx + offset, col, d, vec, out);
-    }
+          for (int j = 0; j < N; ++j) {
+            const C xhat = (xv[u][j] - mu) * rs;
+            out[j] = rs * (dyv[u][j] * gm[u][j] - mean_g - xhat * mean_gx);
+          }
+          StoreVec<N>(p.dx + offset, col, d, vec, out);
+        });
   }
 }
 
@@ -1096,8 +1447,7 @@ __global__ void __launch_bounds__(kColumnBlock)
     C ag = 0, ab = 0;
     if (k < d) {
       int64_t i = i0, idx = o0 * plane + k * inner + i0;
-#pragma unroll 2
-      for (int64_t j = j0 + tx; j < j1; j += w) {
+      auto column = [&](int64_t j) {
         const C dyv = Convert<T>::Widen(dy[idx]);
         ag += dyv * Normalize(static_cast<C>(Convert<T>::Widen(x[idx])), mean ? mean[j] : C(0),
                               rstd[j]);
@@ -1108,7 +1458,15 @@ __global__ void __launch_bounds__(kColumnBlock)
           i -= inner;
           idx += plane - inner;
         }
+      };
+      // Two columns per iteration in straight-line code, then the last one:
+      // what "#pragma unroll 2" asked for, which clang ignored here.
+      int64_t j = j0 + tx;
+      for (; j + w < j1; j += 2 * w) {
+        column(j);
+        column(j + w);
       }
+      if (j < j1) column(j);
     }
     for (int offset = w / 2; offset > 0; offset /= 2) {
       ag += __shfl_xor_sync(0xffffffffu, ag, offset);
