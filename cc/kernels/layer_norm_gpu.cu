@@ -275,6 +275,9 @@ __device__ __forceinline__ int Opaque(int v) {
 #endif
   return v;
 }
+// 32-bit only ("+r"): a wider value must not convert silently.
+template <typename V>
+V Opaque(V) = delete;
 
 // Elements of row[col .. col + N) inside a row of d (col < d: 1 .. N), as
 // LoadVecN counts them.
@@ -1734,9 +1737,23 @@ ColumnsPlan PlanColumns(const Geometry& g, const Device& dev, bool split) {
 // ---------------------------------------------------------------------------
 // Forward
 
+// The register kernels' __launch_bounds__ assume PlanRows's rule (fewer
+// vectors per thread than the dtype's most: kSmallRowsBlock-thread CTAs). A
+// larger CTA would fail to launch on a GPU, while the emulator, which has no
+// launch bounds, would run it: checked in every build, against the tightest
+// bound any build uses.
+template <typename T, int kRowRegs, int kVpt>
+Result CheckRowsBlock(const RowsPlan& plan) {
+  if (plan.block > RowsMaxThreads<T, kRowRegs, kVpt>()) {
+    return Invalid("internal error: a register-kernel CTA exceeds its launch bounds");
+  }
+  return Result();
+}
+
 template <typename T, typename U, int kVpt>
 Result LaunchForwardRegisters(const ForwardParams<T, U>& p, const RowsPlan& plan, bool vec,
                               const Device& dev, cudaStream_t stream) {
+  TFLN_RETURN_IF_ERROR((CheckRowsBlock<T, kForwardRowRegs, kVpt>(plan)));
   auto kernel = ForwardRegistersKernel<T, U, kVpt>;
   int grid = 0;
   TFLN_RETURN_IF_ERROR(
@@ -1830,6 +1847,7 @@ template <typename T, typename U>
 Result RegistersGrid(const RowsPlan& plan, const Device& dev, int64_t rows, int* grid) {
   const int64_t work = CeilDiv(rows, plan.block / plan.tpr);
   return DispatchVpt<MaxVpt<T, kBackwardRowRegs>()>(plan.vpt, [&](auto vpt) {
+    TFLN_RETURN_IF_ERROR((CheckRowsBlock<T, kBackwardRowRegs, decltype(vpt)::value>(plan)));
     return PersistentGrid(BackwardRegistersKernel<T, U, decltype(vpt)::value>, plan.block, dev,
                           work, grid);
   });
