@@ -70,6 +70,13 @@ struct ForwardArgs {
   void* y = nullptr;
   void* mean = nullptr;  // [outer, inner], float32 (float64 for float64 x); may be null if rms
   void* rstd = nullptr;
+  // Residual add + norm: with `residual` set (x's dtype and shape), the
+  // kernels normalize s = x + residual, rounded to x's dtype exactly as an
+  // element-wise x + residual rounds there, and write s to `sum` (required
+  // then; it must not overlap x, residual or y). x and residual are each read
+  // once. mean/rstd/y are those of LayerNorm(s).
+  const void* residual = nullptr;
+  void* sum = nullptr;
 };
 
 struct BackwardArgs {
@@ -85,6 +92,10 @@ struct BackwardArgs {
   void* dx = nullptr;
   void* dgamma = nullptr;  // must be set exactly when gamma is (unless D == 0)
   void* dbeta = nullptr;   // nullptr: not wanted
+  // Residual add + norm backward (x is then the forward's s): dx = the norm's
+  // dx + dsum (the gradient reaching s directly), added in the compute type
+  // and rounded once. nullptr: no such term (dsum known to be zero).
+  const void* dsum = nullptr;
   void* workspace = nullptr;  // LayerNormBackwardWorkspaceBytes() bytes, 16-byte aligned
   size_t workspace_bytes = 0;
 };
