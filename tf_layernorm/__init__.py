@@ -5,12 +5,15 @@
     y = tfln.layer_norm(x, gamma, beta)  # functional op
     y = tfln.RMSNorm()(x)                # RMS normalization, same kernels
     y = tfln.rms_norm(x, gamma)
+    y, s = tfln.add_layer_norm(x, residual, gamma, beta)  # s = x + residual, y = norm(s)
+    y, s = tfln.LayerNorm()(x, residual=r)               # the same, as a layer
     tfln.fuse(model)                     # a model's Keras/keras-hub norm layers, fused
 
 Importing the package loads the op library, which must happen before a
 SavedModel that uses the ops is loaded.
 """
-from tf_layernorm.ops import build_info, layer_norm, load_ops, rms_norm
+from tf_layernorm.ops import (add_layer_norm, add_rms_norm, build_info, layer_norm, load_ops,
+                              rms_norm)
 
 load_ops()
 
@@ -19,5 +22,5 @@ from tf_layernorm.fusion import fuse  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm", "fuse", "load_ops", "build_info",
-           "__version__"]
+__all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
+           "fuse", "load_ops", "build_info", "__version__"]

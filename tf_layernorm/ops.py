@@ -19,6 +19,10 @@ LAYER_NORM_OP = "TfLayernorm>LayerNorm"
 LAYER_NORM_GRAD_OP = "TfLayernorm>LayerNormGrad"
 RMS_NORM_OP = "TfLayernorm>RMSNorm"
 RMS_NORM_GRAD_OP = "TfLayernorm>RMSNormGrad"
+ADD_LAYER_NORM_OP = "TfLayernorm>AddLayerNorm"
+ADD_LAYER_NORM_GRAD_OP = "TfLayernorm>AddLayerNormGrad"
+ADD_RMS_NORM_OP = "TfLayernorm>AddRMSNorm"
+ADD_RMS_NORM_GRAD_OP = "TfLayernorm>AddRMSNormGrad"
 
 _HALF_DTYPES = (tf.float16, tf.bfloat16)
 _SUPPORTED_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -209,11 +213,64 @@ def rms_norm(x, gamma=None, axis=-1, epsilon=1e-6, name=None):
         return _normalize(x, {"gamma": gamma}, axis, epsilon, rms=True)
 
 
-def _normalize(x, params, axis, epsilon, rms):
-    """Shared front end of layer_norm and rms_norm: checks, parameter dtypes,
-    XLA fallback, transposes for non-contiguous axes, the fused op."""
+def add_layer_norm(x, residual, gamma=None, beta=None, axis=-1, epsilon=1e-5, name=None):
+    """Residual add + layer normalization in one kernel: returns (y, s) with
+    s = x + residual and y = layer_norm(s, gamma, beta, axis, epsilon).
+
+    s is in x's dtype, rounded exactly as `x + residual` rounds there; y is
+    what `layer_norm(x + residual, ...)` gives. The kernel reads x and
+    residual once and writes s and y: the pre-LN block's `h = h + f(h);
+    y = norm(h)` (use s as the next h) or the post-LN block's
+    `y = norm(x + f(x))` (ignore s) without a separate add.
+
+    Args:
+      x: a float16, bfloat16, float32 or float64 tensor.
+      residual: a tensor of x's dtype and shape.
+      gamma, beta, axis, epsilon: as in `layer_norm`.
+
+    Differentiable with respect to x, residual, gamma and beta, with
+    gradients flowing into both y and s; the backward is one fused op.
+    """
+    with tf.name_scope(name or "add_layer_norm"):
+        return _normalize(x, {"gamma": gamma, "beta": beta}, axis, epsilon, rms=False,
+                          residual=residual)
+
+
+def add_rms_norm(x, residual, gamma=None, axis=-1, epsilon=1e-6, name=None):
+    """Residual add + RMS normalization in one kernel: returns (y, s) with
+    s = x + residual (x's dtype, rounded as `x + residual` rounds) and
+    y = rms_norm(s, gamma, axis, epsilon). See `add_layer_norm`.
+
+    Differentiable with respect to x, residual and gamma.
+    """
+    with tf.name_scope(name or "add_rms_norm"):
+        return _normalize(x, {"gamma": gamma}, axis, epsilon, rms=True, residual=residual)
+
+
+def _check_residual(residual, x):
+    """residual as a tensor of x's dtype and (compatible) shape, or raises."""
+    residual = tf.convert_to_tensor(residual, dtype_hint=x.dtype)
+    if residual.dtype != x.dtype:
+        raise TypeError(
+            f"residual must have x's dtype {x.dtype.name}, got {residual.dtype.name} (cast one "
+            "of them first, as x + residual would need)")
+    if not x.shape.is_compatible_with(residual.shape):
+        raise ValueError(
+            f"residual has shape {tuple(residual.shape.as_list()) if residual.shape.rank is not None else None}"
+            f", expected x's shape {tuple(x.shape.as_list()) if x.shape.rank is not None else None} "
+            "(no broadcasting: the sum is an output of x's shape)")
+    return residual
+
+
+def _normalize(x, params, axis, epsilon, rms, residual=None):
+    """Shared front end of layer_norm, rms_norm and their residual-add
+    variants: checks, parameter dtypes, XLA fallback, transposes for
+    non-contiguous axes, the fused op. With a residual, returns (y, s)."""
     x = tf.convert_to_tensor(x)
     _check_x(x)
+    add = residual is not None
+    if add:
+        residual = _check_residual(residual, x)
     epsilon = _check_epsilon(epsilon)
     rank = x.shape.rank
     axes = _normalize_axes(axis, rank)
@@ -230,25 +287,35 @@ def _normalize(x, params, axis, epsilon, rms):
     gamma, beta = params.get("gamma"), params.get("beta")
     if _in_xla_context():
         # XLA cannot run a custom op; the same math in composite ops can.
+        if add:
+            s = x + residual
+            return _composite_norm(s, gamma, beta, axes, epsilon, rms), s
         return _composite_norm(x, gamma, beta, axes, epsilon, rms)
     empty = tf.zeros([0], dtype=param_dtype)
     g = empty if gamma is None else gamma
     b = empty if beta is None else beta
 
-    def fused(xx, begin):
+    def fused(inputs, begin):
+        """(y,) or (y, s) of the fused op on inputs (x,) or (x, residual)."""
+        scale, center, num = gamma is not None, beta is not None, len(axes)
         if rms:
-            return _fused_rms(xx, g, begin, len(axes), epsilon, gamma is not None)[0]
-        return _fused(xx, g, b, begin, len(axes), epsilon, gamma is not None,
-                      beta is not None)[0]
+            out = _fused_rms(*inputs, g, begin, num, epsilon, scale)
+        else:
+            out = _fused(*inputs, g, b, begin, num, epsilon, scale, center)
+        return out[:len(inputs)]
 
+    inputs = (x, residual) if add else (x,)
     if rank is None or _is_contiguous(axes):
-        return fused(x, axes[0])
-    # Non-contiguous axes: move them to the end (in sorted order, which is the
-    # order of gamma's dims), normalize, move back.
-    others = [d for d in range(rank) if d not in axes]
-    perm = others + axes
-    inverse = [perm.index(d) for d in range(rank)]
-    return tf.transpose(fused(tf.transpose(x, perm), rank - len(axes)), inverse)
+        out = fused(inputs, axes[0])
+    else:
+        # Non-contiguous axes: move them to the end (in sorted order, which is
+        # the order of gamma's dims), normalize, move back.
+        others = [d for d in range(rank) if d not in axes]
+        perm = others + axes
+        inverse = [perm.index(d) for d in range(rank)]
+        out = fused(tuple(tf.transpose(t, perm) for t in inputs), rank - len(axes))
+        out = tuple(tf.transpose(t, inverse) for t in out)
+    return tuple(out) if add else out[0]
 
 
 def _stats_dtype(x_dtype):
@@ -316,16 +383,24 @@ def keras_rms_scaling(x, gamma, axis, epsilon):
     return tf.cast(y, x.dtype)
 
 
-def _fused(x, gamma, beta, begin, num, epsilon, scale, center):
-    return load_ops().tf_layernorm_layer_norm(
-        x, gamma, beta, S=_stats_dtype(x.dtype), epsilon=epsilon, begin_norm_axis=begin,
-        num_norm_axes=num, scale=scale, center=center)
+def _fused(*args):
+    """LayerNorm (x, gamma, beta, ...) -> (y, mean, rstd), or AddLayerNorm
+    (x, residual, gamma, beta, ...) -> (y, s, mean, rstd)."""
+    *inputs, begin, num, epsilon, scale, center = args
+    op = load_ops().tf_layernorm_add_layer_norm if len(inputs) == 4 else \
+        load_ops().tf_layernorm_layer_norm
+    return op(*inputs, S=_stats_dtype(inputs[0].dtype), epsilon=epsilon, begin_norm_axis=begin,
+              num_norm_axes=num, scale=scale, center=center)
 
 
-def _fused_rms(x, gamma, begin, num, epsilon, scale):
-    return load_ops().tf_layernorm_rms_norm(
-        x, gamma, S=_stats_dtype(x.dtype), epsilon=epsilon, begin_norm_axis=begin,
-        num_norm_axes=num, scale=scale)
+def _fused_rms(*args):
+    """RMSNorm (x, gamma, ...) -> (y, rstd), or AddRMSNorm (x, residual,
+    gamma, ...) -> (y, s, rstd)."""
+    *inputs, begin, num, epsilon, scale = args
+    op = load_ops().tf_layernorm_add_rms_norm if len(inputs) == 3 else \
+        load_ops().tf_layernorm_rms_norm
+    return op(*inputs, S=_stats_dtype(inputs[0].dtype), epsilon=epsilon, begin_norm_axis=begin,
+              num_norm_axes=num, scale=scale)
 
 
 # ----------------------------------------------------------------- gradient --
@@ -351,35 +426,73 @@ def _is_known_zero(t):
     return value is not None and not value.any()
 
 
-@tf.RegisterGradient(LAYER_NORM_OP)
-def _layer_norm_grad(op, dy, dmean, drstd):
-    x, gamma, _ = op.inputs
-    _, mean, rstd = op.outputs
+def _stats_grad(x, mean, rstd, begin, num, dmean, drstd):
+    """The part of d/dx that flows through the mean and rstd outputs (exact,
+    composite: off the common path, where nobody differentiates them), or
+    None when their incoming gradients are known zeros. mean is None for
+    RMSNorm (rstd = (mean(x^2) + eps)^-1/2)."""
+    if _is_known_zero(dmean) and _is_known_zero(drstd):
+        return None
+    s = rstd.dtype
+    rank = tf.rank(x)
+    b = begin if begin >= 0 else begin + rank
+    d = tf.cast(tf.reduce_prod(tf.shape(x)[b:b + num]), s)
+    xs = tf.cast(x, s)
+    centered = xs if mean is None else xs - mean
+    contrib = tf.zeros_like(rstd)
+    if mean is not None and dmean is not None:
+        contrib = contrib + dmean / d
+    if drstd is not None:
+        contrib = contrib - drstd * rstd * rstd * rstd * centered / d
+    return contrib
+
+
+def _norm_grad(op, dy, dsum, dmean, drstd, rms, add):
+    """The gradient of the four forward ops: one fused backward op, plus the
+    mean/rstd terms when those outputs are differentiated. For the residual
+    variants x and residual get the same gradient, dsum folded into it."""
+    x = op.outputs[1] if add else op.inputs[0]   # the normalized tensor: s or x
+    gamma = op.inputs[2 if add else 1]
+    mean = None if rms else op.outputs[-2]
+    rstd = op.outputs[-1]
     scale = op.get_attr("scale")
-    center = op.get_attr("center")
-    begin = op.get_attr("begin_norm_axis")
-    num = op.get_attr("num_norm_axes")
+    center = False if rms else op.get_attr("center")
+    attrs = dict(begin_norm_axis=op.get_attr("begin_norm_axis"),
+                 num_norm_axes=op.get_attr("num_norm_axes"), scale=scale)
+    if not rms:
+        attrs["center"] = center
     if dy is None:
         dy = tf.zeros_like(x)
-    dx, dgamma, dbeta = load_ops().tf_layernorm_layer_norm_grad(
-        dy, x, gamma, mean, rstd, begin_norm_axis=begin,
-        num_norm_axes=num, scale=scale, center=center)
-    if not (_is_known_zero(dmean) and _is_known_zero(drstd)):
-        # mean and rstd are outputs too; if someone differentiates through
-        # them, add their exact contribution (composite, off the common path).
-        s = mean.dtype
-        rank = tf.rank(x)
-        b = begin if begin >= 0 else begin + rank
-        d = tf.cast(tf.reduce_prod(tf.shape(x)[b:b + num]), s)
-        extra = tf.zeros_like(mean)
-        if dmean is not None:
-            extra = extra + dmean / d
-        xs = tf.cast(x, s)
-        contrib = extra
-        if drstd is not None:
-            contrib = contrib - drstd * rstd * rstd * rstd * (xs - mean) / d
-        dx = dx + tf.cast(contrib, dx.dtype)
-    return dx, (dgamma if scale else None), (dbeta if center else None)
+    stats = [rstd] if rms else [mean, rstd]
+    lib = load_ops()
+    if add:
+        # A sum nobody differentiates (post-LN) passes an empty dsum: no read.
+        ds = tf.zeros([0], x.dtype) if _is_known_zero(dsum) else dsum
+        grad_op = lib.tf_layernorm_add_rms_norm_grad if rms else \
+            lib.tf_layernorm_add_layer_norm_grad
+        grads = grad_op(dy, ds, x, gamma, *stats, **attrs)
+    else:
+        grad_op = lib.tf_layernorm_rms_norm_grad if rms else lib.tf_layernorm_layer_norm_grad
+        grads = grad_op(dy, x, gamma, *stats, **attrs)
+    dx = grads[0]
+    extra = _stats_grad(x, mean, rstd, attrs["begin_norm_axis"], attrs["num_norm_axes"],
+                        dmean, drstd)
+    if extra is not None:
+        dx = dx + tf.cast(extra, dx.dtype)
+    params = [grads[1] if scale else None]
+    if not rms:
+        params.append(grads[2] if center else None)
+    return ((dx, dx) if add else (dx,)) + tuple(params)
+
+
+@tf.RegisterGradient(LAYER_NORM_OP)
+def _layer_norm_grad(op, dy, dmean, drstd):
+    return _norm_grad(op, dy, None, dmean, drstd, rms=False, add=False)
+
+
+@tf.RegisterGradient(ADD_LAYER_NORM_OP)
+def _add_layer_norm_grad(op, dy, dsum, dmean, drstd):
+    return _norm_grad(op, dy, dsum, dmean, drstd, rms=False, add=True)
 
 
 def _composite_backward(dy, x, gamma, mean, rstd, begin, num, scale):
@@ -407,15 +520,19 @@ def _composite_backward(dy, x, gamma, mean, rstd, begin, num, scale):
     return dx, dgamma, dbeta
 
 
-def _grad_of_backward(op, ddx, ddgamma, ddbeta, rms):
+def _grad_of_backward(op, ddx, ddgamma, ddbeta, rms, add=False):
     """Second-order gradients (gradient penalties, Hessian-vector products) of
-    LayerNormGrad / RMSNormGrad: autodiff of the composite backward. mean and
-    rstd are inputs here; their dependence on x is carried by the forward op's
-    gradient. Returns the gradients of the op's inputs, in their order."""
+    LayerNormGrad / RMSNormGrad and their residual-add variants: autodiff of
+    the composite backward. mean and rstd are inputs here; their dependence on
+    x is carried by the forward op's gradient. Returns the gradients of the
+    op's inputs, in their order (the add variants' dx is the norm's dx plus
+    dsum, so dsum's gradient is ddx itself)."""
+    inputs = list(op.inputs)
+    dsum = inputs.pop(1) if add else None
     if rms:
-        (dy, x, gamma, rstd), mean, center = op.inputs, None, False
+        (dy, x, gamma, rstd), mean, center = inputs, None, False
     else:
-        (dy, x, gamma, mean, rstd), center = op.inputs, op.get_attr("center")
+        (dy, x, gamma, mean, rstd), center = inputs, op.get_attr("center")
     scale = op.get_attr("scale")
     begin = op.get_attr("begin_norm_axis")
     num = op.get_attr("num_norm_axes")
@@ -434,7 +551,14 @@ def _grad_of_backward(op, ddx, ddgamma, ddbeta, rms):
     grads = [tf.cast(g, t.dtype) for g, t in zip(grads, watched)]
     d_gamma = grads.pop() if scale else None
     d_dy, d_x, d_stats = grads[0], grads[1], grads[2:]
-    return (d_dy, d_x, d_gamma, *d_stats)
+    if not add:
+        return (d_dy, d_x, d_gamma, *d_stats)
+    # An empty dsum (no such term) has no gradient.
+    if dsum.shape.num_elements() == 0:
+        d_dsum = None
+    else:
+        d_dsum = tf.zeros_like(dsum) if ddx is None else tf.cast(ddx, dsum.dtype)
+    return (d_dy, d_dsum, d_x, d_gamma, *d_stats)
 
 
 @tf.RegisterGradient(LAYER_NORM_GRAD_OP)
@@ -442,25 +566,24 @@ def _layer_norm_grad_grad(op, ddx, ddgamma, ddbeta):
     return _grad_of_backward(op, ddx, ddgamma, ddbeta, rms=False)
 
 
+@tf.RegisterGradient(ADD_LAYER_NORM_GRAD_OP)
+def _add_layer_norm_grad_grad(op, ddx, ddgamma, ddbeta):
+    return _grad_of_backward(op, ddx, ddgamma, ddbeta, rms=False, add=True)
+
+
+@tf.RegisterGradient(ADD_RMS_NORM_GRAD_OP)
+def _add_rms_norm_grad_grad(op, ddx, ddgamma):
+    return _grad_of_backward(op, ddx, ddgamma, None, rms=True, add=True)
+
+
 @tf.RegisterGradient(RMS_NORM_OP)
 def _rms_norm_grad(op, dy, drstd):
-    x, gamma = op.inputs
-    _, rstd = op.outputs
-    scale = op.get_attr("scale")
-    begin = op.get_attr("begin_norm_axis")
-    num = op.get_attr("num_norm_axes")
-    if dy is None:
-        dy = tf.zeros_like(x)
-    dx, dgamma = load_ops().tf_layernorm_rms_norm_grad(
-        dy, x, gamma, rstd, begin_norm_axis=begin, num_norm_axes=num, scale=scale)
-    if not _is_known_zero(drstd):
-        # d rstd / dx = -rstd^3 * x / D (rstd = (mean(x^2) + eps)^-1/2).
-        s = rstd.dtype
-        rank = tf.rank(x)
-        b = begin if begin >= 0 else begin + rank
-        d = tf.cast(tf.reduce_prod(tf.shape(x)[b:b + num]), s)
-        dx = dx + tf.cast(-drstd * rstd * rstd * rstd * tf.cast(x, s) / d, dx.dtype)
-    return dx, (dgamma if scale else None)
+    return _norm_grad(op, dy, None, None, drstd, rms=True, add=False)
+
+
+@tf.RegisterGradient(ADD_RMS_NORM_OP)
+def _add_rms_norm_grad(op, dy, dsum, drstd):
+    return _norm_grad(op, dy, dsum, None, drstd, rms=True, add=True)
 
 
 @tf.RegisterGradient(RMS_NORM_GRAD_OP)

@@ -266,10 +266,15 @@ int64_t LayerNormBackwardWorkspaceSize(const NormGeometry& g, bool scale, bool c
 KernelStatus LayerNormForwardCpu(const NormGeometry& g, CpuDType x_type, CpuDType param_type,
                                  const void* x, const void* gamma, const void* beta,
                                  double epsilon, void* y, void* mean, void* rstd,
-                                 const ParallelFor& parallel_for, bool rms) {
+                                 const ParallelFor& parallel_for, bool rms,
+                                 const void* residual, void* sum) {
   if (!ValidGeometry(g)) return KernelStatus::kInvalidGeometry;
   const int pair = TypePairOf(x_type, param_type);
   if (pair < 0) return KernelStatus::kUnsupportedTypes;
+  // A residual needs somewhere to put s, and s nowhere to go without one.
+  if ((residual == nullptr) != (sum == nullptr) && g.num_elements() > 0) {
+    return KernelStatus::kNullPointer;
+  }
   if (g.num_stats() == 0) return KernelStatus::kOk;
   if ((mean == nullptr && !rms) || rstd == nullptr) return KernelStatus::kNullPointer;
   if (g.norm == 0) {
@@ -301,8 +306,13 @@ KernelStatus LayerNormForwardCpu(const NormGeometry& g, CpuDType x_type, CpuDTyp
   a.mean = rms ? nullptr : mean;
   a.rstd = rstd;
   a.rms = rms;
-  a.stream = CanStream(g, x_type, x, y);
-  if (y != x) AdviseHugePages(y, g.num_elements() * static_cast<int64_t>(ElementBytes(x_type)));
+  a.residual = residual;
+  a.sum = sum;
+  // y in residual's buffer: the kernel has just read it (see CanStream).
+  a.stream = CanStream(g, x_type, x, y) && y != residual;
+  const int64_t bytes = g.num_elements() * static_cast<int64_t>(ElementBytes(x_type));
+  if (y != x && y != residual) AdviseHugePages(y, bytes);
+  if (sum != nullptr && sum != x) AdviseHugePages(sum, bytes);
   const int affine = 2 * (gamma != nullptr) + (beta != nullptr);
   const IsaKernels& k = TableFor(pair);
   const cpu::ForwardFn fn =
@@ -318,7 +328,7 @@ KernelStatus LayerNormBackwardCpu(const NormGeometry& g, CpuDType x_type, CpuDTy
                                   const void* dy, const void* x, const void* gamma,
                                   const void* mean, const void* rstd, void* dx, void* dgamma,
                                   void* dbeta, void* workspace, const ParallelFor& parallel_for,
-                                  bool rms) {
+                                  bool rms, const void* dsum) {
   if (!ValidGeometry(g)) return KernelStatus::kInvalidGeometry;
   const int pair = TypePairOf(x_type, param_type);
   if (pair < 0) return KernelStatus::kUnsupportedTypes;
@@ -365,7 +375,8 @@ KernelStatus LayerNormBackwardCpu(const NormGeometry& g, CpuDType x_type, CpuDTy
   a.rstd = rstd;
   a.rms = rms;
   a.dx = dx;
-  a.stream = CanStream(g, x_type, dy, dx);
+  a.dsum = dsum;
+  a.stream = CanStream(g, x_type, dy, dx) && dx != dsum;
   if (dx != dy) {
     AdviseHugePages(dx, g.num_elements() * static_cast<int64_t>(ElementBytes(x_type)));
   }

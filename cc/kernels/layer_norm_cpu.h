@@ -99,38 +99,47 @@ int64_t LayerNormBackwardWorkspaceSize(const NormGeometry& g, bool scale, bool c
 KernelStatus LayerNormForwardCpu(const NormGeometry& g, CpuDType x_type, CpuDType param_type,
                                  const void* x, const void* gamma, const void* beta,
                                  double epsilon, void* y, void* mean, void* rstd,
-                                 const ParallelFor& parallel_for, bool rms = false);
+                                 const ParallelFor& parallel_for, bool rms = false,
+                                 const void* residual = nullptr, void* sum = nullptr);
 KernelStatus LayerNormBackwardCpu(const NormGeometry& g, CpuDType x_type, CpuDType param_type,
                                   const void* dy, const void* x, const void* gamma,
                                   const void* mean, const void* rstd, void* dx, void* dgamma,
                                   void* dbeta, void* workspace, const ParallelFor& parallel_for,
-                                  bool rms = false);
+                                  bool rms = false, const void* dsum = nullptr);
 
 // y = (x - mean) * rstd * gamma + beta over the D axis of [outer, D, inner].
 // gamma == nullptr: no scale; beta == nullptr: no offset. D == 0 gives NaN
 // statistics (the mean of nothing is undefined) and an empty y.
 // rms: RMSNorm, y = x * rstd * gamma (+ beta) with rstd = 1 / sqrt(mean(x^2)
 // + epsilon); the mean is not computed and `mean` may be nullptr.
+// residual (x's type and geometry): residual add + norm. The kernel
+// normalizes s = x + residual, rounded to T exactly as an element-wise add in
+// T rounds, and writes s to `sum` (required then). x and residual are read
+// once. sum may be x's buffer and y residual's; nothing else may overlap.
 template <typename T, typename U>
 KernelStatus LayerNormForwardCpu(const NormGeometry& g, const T* x, const U* gamma, const U* beta,
                                  double epsilon, T* y, ComputeType<T>* mean,
                                  ComputeType<T>* rstd, const ParallelFor& parallel_for,
-                                 bool rms = false) {
+                                 bool rms = false, const T* residual = nullptr,
+                                 T* sum = nullptr) {
   return LayerNormForwardCpu(g, CpuDTypeOf<T>::value, CpuDTypeOf<U>::value, x, gamma, beta,
-                             epsilon, y, mean, rstd, parallel_for, rms);
+                             epsilon, y, mean, rstd, parallel_for, rms, residual, sum);
 }
 
 // dx, and dgamma/dbeta summed over outer and inner. dgamma/dbeta may be
 // nullptr when not wanted (then gamma == nullptr means "no scale" as in the
 // forward). workspace: LayerNormBackwardWorkspaceSize(g, ...) elements.
 // rms: the RMSNorm backward (mean unused, may be nullptr).
+// dsum: residual add + norm (x is then the forward's s): dx += dsum, the
+// gradient reaching s directly, before dx is rounded. nullptr: none.
 template <typename T, typename U>
 KernelStatus LayerNormBackwardCpu(const NormGeometry& g, const T* dy, const T* x, const U* gamma,
                                   const ComputeType<T>* mean, const ComputeType<T>* rstd, T* dx,
                                   U* dgamma, U* dbeta, ComputeType<T>* workspace,
-                                  const ParallelFor& parallel_for, bool rms = false) {
+                                  const ParallelFor& parallel_for, bool rms = false,
+                                  const T* dsum = nullptr) {
   return LayerNormBackwardCpu(g, CpuDTypeOf<T>::value, CpuDTypeOf<U>::value, dy, x, gamma, mean,
-                              rstd, dx, dgamma, dbeta, workspace, parallel_for, rms);
+                              rstd, dx, dgamma, dbeta, workspace, parallel_for, rms, dsum);
 }
 
 }  // namespace tf_layernorm

@@ -188,6 +188,18 @@ inline void WidenRow(const S* __restrict src, int64_t n, typename V::C* __restri
   ForVectors<V>(n, [&](int64_t i, int64_t k) { V::Store(dst + i, LoadK<V>(src + i, k)); });
 }
 
+// s = x + r over n elements, rounded to the storage type S exactly as an
+// element-wise add in S rounds (computed in V::C: float's 24 bits are at
+// least 2p + 2 of float16's and bfloat16's p, so rounding the float sum to S
+// again gives the correctly rounded S sum). s may be x's buffer (or r's):
+// every element is read before it is written.
+template <class V, class S>
+inline void AddRow(const S* x, const S* r, S* s, int64_t n) {
+  ForVectors<V>(n, [&](int64_t i, int64_t k) {
+    StoreK<V>(s + i, V::Add(LoadK<V>(x + i, k), LoadK<V>(r + i, k)), k);
+  });
+}
+
 // One row of the forward; X is the type the row is read as: S, or the
 // compute type when it was widened into a cache.
 template <class V, class X, class S, class P, bool kScale, bool kCenter>
@@ -238,7 +250,11 @@ void ForwardRows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
   using C = typename V::C;
   constexpr bool kWiden = sizeof(S) < sizeof(C);
   const int64_t n = a.norm;
+  // With a residual, rows are summed into s first (AddRow) and the passes
+  // read s, still in L1/L2; x and residual are read from memory once.
   const S* x = static_cast<const S*>(a.x);
+  const S* res = static_cast<const S*>(a.residual);
+  S* sum = static_cast<S*>(a.sum);
   S* y = static_cast<S*>(a.y);
   const P* __restrict gamma = static_cast<const P*>(a.gamma);
   const P* __restrict beta = static_cast<const P*>(a.beta);
@@ -246,21 +262,31 @@ void ForwardRows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
   C* __restrict rstd = static_cast<C*>(a.rstd);
   const C inv_n = C(1) / static_cast<C>(n);
   const C eps = static_cast<C>(a.epsilon);
+  const int64_t row_bytes = n * static_cast<int64_t>(sizeof(S));
+  // The row the passes read: x's, or s's once summed.
+  auto source = [&](int64_t r) -> const S* {
+    if (res == nullptr) return x + r * n;
+    AddRow<V>(x + r * n, res + r * n, sum + r * n, n);
+    return sum + r * n;
+  };
+  auto prefetch_next = [&](int64_t r) {
+    if (r + 1 >= row_end) return;
+    PrefetchBytes(x + (r + 1) * n, row_bytes);
+    if (res != nullptr) PrefetchBytes(res + (r + 1) * n, row_bytes);
+  };
   if (kWiden && n <= kRowCacheElems) {
     alignas(64) C cache[kWiden ? kRowCacheElems + V::kW : 1];
-    const int64_t row_bytes = n * static_cast<int64_t>(sizeof(S));
     for (int64_t r = row_begin; r < row_end; ++r) {
-      if (r + 1 < row_end) PrefetchBytes(x + (r + 1) * n, row_bytes);
-      WidenRow<V>(x + r * n, n, cache);
+      prefetch_next(r);
+      WidenRow<V>(source(r), n, cache);
       ForwardRow<V, C, S, P, kScale, kCenter>(a, n, inv_n, eps, cache, y + r * n, gamma, beta,
                                               mean, rstd, r);
     }
   } else {
-    const int64_t row_bytes = n * static_cast<int64_t>(sizeof(S));
     const bool prefetch = row_bytes <= kPrefetchRowBytes;
     for (int64_t r = row_begin; r < row_end; ++r) {
-      if (prefetch && r + 1 < row_end) PrefetchBytes(x + (r + 1) * n, row_bytes);
-      ForwardRow<V, S, S, P, kScale, kCenter>(a, n, inv_n, eps, x + r * n, y + r * n, gamma,
+      if (prefetch) prefetch_next(r);
+      ForwardRow<V, S, S, P, kScale, kCenter>(a, n, inv_n, eps, source(r), y + r * n, gamma,
                                               beta, mean, rstd, r);
     }
   }
@@ -295,6 +321,15 @@ void ForwardColumns(const ForwardArgs& a, int64_t unit_begin, int64_t unit_end) 
     const int64_t w = MinI(a.chunk, inner - c0);
     const int64_t base = o * n * inner + c0;
     const S* x0 = x + base;
+    if (a.residual != nullptr) {
+      // The chunk's D rows summed into s first; the passes then read s.
+      const S* r0 = static_cast<const S*>(a.residual) + base;
+      S* s0 = static_cast<S*>(a.sum) + base;
+      for (int64_t d = 0; d < n; ++d) {
+        AddRow<V>(x0 + d * inner, r0 + d * inner, s0 + d * inner, w);
+      }
+      x0 = s0;
+    }
     // Stack vectors are full width; lanes past w hold zeros.
     if (a.rms) {
       // RMSNorm: the mean is 0; shift holds the sum of squares below.
@@ -392,7 +427,7 @@ inline void FlushCascade(typename V::C* __restrict level0, const typename V::C* 
 template <class V, class S, class P, bool kScale, bool kCenter, bool kFirst>
 inline void BackwardRow(int64_t n, const S* __restrict xr, const S* dyr,
                         const P* __restrict gamma, typename V::C mu, typename V::C rs,
-                        S* dxr, typename V::C* __restrict pg,
+                        const S* dsr, S* dxr, typename V::C* __restrict pg,
                         typename V::C* __restrict pb, bool rms, bool stream) {
   using C = typename V::C;
   using R = typename V::R;
@@ -420,13 +455,14 @@ inline void BackwardRow(int64_t n, const S* __restrict xr, const S* dyr,
   const R mean_g = rms ? V::Zero() : V::Set1(V::Sum(sg) * inv_n);
   const R mean_gx = V::Set1(V::Sum(sgx) * inv_n);
   // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); RMSNorm drops mean(g).
+  // Residual add + norm: + ds (dsr), before dx is rounded.
   if (stream) {
     for (int64_t i = 0; i < n; i += V::kW) {
       const R dyv = V::Load(dyr + i);
       const R xh = V::Mul(V::Sub(V::Load(xr + i), muv), rsv);
       const R gv = kScale ? V::Mul(dyv, V::Load(gamma + i)) : dyv;
       const R t = V::Sub(V::Sub(gv, mean_g), V::Mul(xh, mean_gx));
-      V::StoreStream(dxr + i, V::Mul(rsv, t));
+      V::StoreStream(dxr + i, dsr ? V::MulAdd(rsv, t, V::Load(dsr + i)) : V::Mul(rsv, t));
     }
     return;
   }
@@ -435,7 +471,7 @@ inline void BackwardRow(int64_t n, const S* __restrict xr, const S* dyr,
     const R xh = V::Mul(V::Sub(LoadK<V>(xr + i, k), muv), rsv);
     const R gv = kScale ? V::Mul(dyv, LoadK<V>(gamma + i, k)) : dyv;
     const R t = V::Sub(V::Sub(gv, mean_g), V::Mul(xh, mean_gx));
-    StoreK<V>(dxr + i, V::Mul(rsv, t), k);
+    StoreK<V>(dxr + i, dsr ? V::MulAdd(rsv, t, LoadK<V>(dsr + i, k)) : V::Mul(rsv, t), k);
   });
 }
 
@@ -445,6 +481,7 @@ void BackwardRowsBlock(const BackwardArgs& a, int64_t block) {
   const int64_t n = a.norm;
   const S* __restrict x = static_cast<const S*>(a.x);
   const S* dy = static_cast<const S*>(a.dy);
+  const S* ds = static_cast<const S*>(a.dsum);
   S* dx = static_cast<S*>(a.dx);
   const P* __restrict gamma = static_cast<const P*>(a.gamma);
   const C* __restrict mean = static_cast<const C*>(a.mean);
@@ -461,12 +498,14 @@ void BackwardRowsBlock(const BackwardArgs& a, int64_t block) {
       const int64_t off = r * n;
       if (r == g0) {
         BackwardRow<V, S, P, kScale, kCenter, true>(n, x + off, dy + off, gamma,
-                                                    a.rms ? C(0) : mean[r], rstd[r], dx + off,
-                                                    pg1, pb1, a.rms, a.stream);
+                                                    a.rms ? C(0) : mean[r], rstd[r],
+                                                    ds ? ds + off : nullptr, dx + off, pg1, pb1,
+                                                    a.rms, a.stream);
       } else {
         BackwardRow<V, S, P, kScale, kCenter, false>(n, x + off, dy + off, gamma,
-                                                     a.rms ? C(0) : mean[r], rstd[r], dx + off,
-                                                     pg1, pb1, a.rms, a.stream);
+                                                     a.rms ? C(0) : mean[r], rstd[r],
+                                                     ds ? ds + off : nullptr, dx + off, pg1,
+                                                     pb1, a.rms, a.stream);
       }
     }
     if (kScale) FlushCascade<V>(pg0, pg1, n, g0 == u0);
@@ -482,6 +521,7 @@ void BackwardColumnsBlock(const BackwardArgs& a, int64_t block) {
   const int64_t n = a.norm, inner = a.inner;
   const S* __restrict x = static_cast<const S*>(a.x);
   const S* dy = static_cast<const S*>(a.dy);
+  const S* ds = static_cast<const S*>(a.dsum);
   S* dx = static_cast<S*>(a.dx);
   const P* __restrict gamma = static_cast<const P*>(a.gamma);
   const C* __restrict mean = static_cast<const C*>(a.mean);
@@ -536,16 +576,18 @@ void BackwardColumnsBlock(const BackwardArgs& a, int64_t block) {
       const S* __restrict xr = x + base + d * inner;
       const S* dyr = dy + base + d * inner;
       S* dxr = dx + base + d * inner;
+      const S* dsr = ds ? ds + base + d * inner : nullptr;
       const R gd = kScale ? V::Set1(V::First(V::LoadN(gamma + d, 1))) : V::Set1(1);
       ForVectors<V>(w, [&](int64_t j, int64_t k) {
         const R rsj = V::Load(rv + j);
         const R xh = V::Mul(V::Sub(LoadK<V>(xr + j, k), V::Load(mv + j)), rsj);
         const R gv = kScale ? V::Mul(LoadK<V>(dyr + j, k), gd) : LoadK<V>(dyr + j, k);
         const R t = V::Sub(V::Sub(gv, V::Load(sg + j)), V::Mul(xh, V::Load(sgx + j)));
+        const R out = dsr ? V::MulAdd(rsj, t, LoadK<V>(dsr + j, k)) : V::Mul(rsj, t);
         if (a.stream) {
-          V::StoreStream(dxr + j, V::Mul(rsj, t));
+          V::StoreStream(dxr + j, out);
         } else {
-          StoreK<V>(dxr + j, V::Mul(rsj, t), k);
+          StoreK<V>(dxr + j, out, k);
         }
       });
     }

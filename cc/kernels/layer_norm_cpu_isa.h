@@ -62,6 +62,13 @@ struct ForwardArgs {
   // of y starts 64-byte aligned, D fills whole vectors, and y is too large
   // to still be in cache when the next op reads it.
   bool stream;
+  // Residual add + norm: with residual set (x's storage type), the row (or
+  // column chunk) is first summed, s = x + residual rounded to the storage
+  // type, into `sum`, and the passes then read s (from cache). sum may be
+  // x's buffer and y residual's: each element of x and residual is read
+  // before the same element of s or y is written. nullptr: plain norm.
+  const void* residual;
+  void* sum;
 };
 
 // Everything a backward block needs. Partials: per block, kPartialLevels
@@ -83,6 +90,9 @@ struct BackwardArgs {
   void* part_g;  // [blocks][2][D] or nullptr when dgamma is not wanted
   void* part_b;  // [blocks][2][D] or nullptr when dbeta is not wanted
   bool stream;   // dx with non-temporal stores (as ForwardArgs::stream)
+  // Residual add + norm: dx += dsum (the gradient reaching s directly), in
+  // the compute type before dx is rounded. nullptr: no such term.
+  const void* dsum;
 };
 
 // Sums the block partials (level 0 of each block) in a fixed pairwise order

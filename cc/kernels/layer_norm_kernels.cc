@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 
 #include "cc/kernels/layer_norm_cpu.h"
@@ -122,20 +123,25 @@ bool ForwardingEnabled() {
   return enabled;
 }
 
-// The output `out` of `ctx` in the buffer of input `in` when TensorFlow allows
-// it (same shape and dtype, and no other reference to the buffer) and the
-// kernel path is safe in place; a fresh buffer otherwise. A large output then
-// costs no fresh pages: with TensorFlow's plain CPU allocator, first-touch
-// page faults are most of a large op's time.
-Status ForwardOrAllocate(OpKernelContext* ctx, bool in_place_safe, int in, int out,
-                         Tensor** result) {
-  const Tensor& input = ctx->input(in);
+// The output `out` of `ctx` in the buffer of one of the inputs `in` (tried
+// in order) when TensorFlow allows it (same shape and dtype, and no other
+// reference to the buffer) and the kernel path is safe in place; a fresh
+// buffer otherwise. A large output then costs no fresh pages: with
+// TensorFlow's plain CPU allocator, first-touch page faults are most of a
+// large op's time.
+Status ForwardOrAllocate(OpKernelContext* ctx, bool in_place_safe, std::initializer_list<int> in,
+                         int out, Tensor** result) {
+  const Tensor& input = ctx->input(*in.begin());
   if (!in_place_safe || !ForwardingEnabled()) {
     return ctx->allocate_output(out, input.shape(), result);
   }
-  TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({in}, out, input.shape(), result));
-  if (input.NumElements() > 0 && (*result)->data() == input.data()) {
-    forwarded_buffers.fetch_add(1, std::memory_order_relaxed);
+  TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output(
+      absl::Span<const int>(in.begin(), in.size()), out, input.shape(), result));
+  for (int i : in) {
+    const Tensor& candidate = ctx->input(i);
+    if (candidate.NumElements() > 0 && (*result)->data() == candidate.data()) {
+      forwarded_buffers.fetch_add(1, std::memory_order_relaxed);
+    }
   }
   return Status();
 }
@@ -192,19 +198,22 @@ struct Launch<CpuDevice, T, U> {
   // Every CPU path reads an element of x (dy) for the last time before it
   // writes the same element of y (dx), in the same thread: see
   // layer_norm_cpu_body.h.
-  static bool ForwardInPlaceSafe(bool, const NormGeometry&) { return true; }
-  static bool BackwardInPlaceSafe(bool, const NormGeometry&) { return true; }
+  // Residual add + norm: s into x's buffer and y into residual's, dx into
+  // dy's or dsum's: each element is read before the same element is written.
+  static bool ForwardInPlaceSafe(bool, bool, const NormGeometry&) { return true; }
+  static bool BackwardInPlaceSafe(bool, bool, const NormGeometry&) { return true; }
 
-  static Status Forward(OpKernelContext* ctx, bool rms, const NormGeometry& g, const T* x,
-                        const U* gamma, const U* beta, float epsilon, T* y, C* mean, C* rstd) {
+  static Status Forward(OpKernelContext* ctx, const char* op, bool rms, const NormGeometry& g,
+                        const T* x, const T* residual, const U* gamma, const U* beta,
+                        float epsilon, T* y, T* sum, C* mean, C* rstd) {
     return ToStatus(LayerNormForwardCpu<T, U>(g, x, gamma, beta, epsilon, y, mean, rstd,
-                                              MakeParallelFor(ctx), rms),
-                    rms ? "RMSNorm" : "LayerNorm");
+                                              MakeParallelFor(ctx), rms, residual, sum),
+                    op);
   }
 
-  static Status Backward(OpKernelContext* ctx, bool rms, const NormGeometry& g, const T* dy,
-                         const T* x, const U* gamma, const C* mean, const C* rstd, T* dx,
-                         U* dgamma, U* dbeta) {
+  static Status Backward(OpKernelContext* ctx, const char* op, bool rms, const NormGeometry& g,
+                         const T* dy, const T* dsum, const T* x, const U* gamma, const C* mean,
+                         const C* rstd, T* dx, U* dgamma, U* dbeta) {
     const int64_t ws_size =
         LayerNormBackwardWorkspaceSize(g, dgamma != nullptr, dbeta != nullptr);
     Tensor workspace;
@@ -214,8 +223,8 @@ struct Launch<CpuDevice, T, U> {
     }
     return ToStatus(LayerNormBackwardCpu<T, U>(g, dy, x, gamma, mean, rstd, dx, dgamma, dbeta,
                                                ws_size > 0 ? workspace.flat<C>().data() : nullptr,
-                                               MakeParallelFor(ctx), rms),
-                    rms ? "RMSNormGrad" : "LayerNormGrad");
+                                               MakeParallelFor(ctx), rms, dsum),
+                    op);
   }
 };
 
@@ -268,7 +277,9 @@ struct Launch<GpuDevice, T, U> {
     return reinterpret_cast<gpu::Stream>(ctx->eigen_device<GpuDevice>().stream());
   }
 
-  static bool ForwardInPlaceSafe(bool rms, const NormGeometry& g) {
+  // Residual add + norm: outputs never share an input's buffer on the GPU.
+  static bool ForwardInPlaceSafe(bool rms, bool add, const NormGeometry& g) {
+    if (add) return false;
     gpu::ForwardArgs a;
     a.rms = rms;
     a.x_type = GpuType<T>::value;
@@ -277,7 +288,8 @@ struct Launch<GpuDevice, T, U> {
     return gpu::LayerNormForwardInPlaceSafe(a);
   }
 
-  static bool BackwardInPlaceSafe(bool rms, const NormGeometry& g) {
+  static bool BackwardInPlaceSafe(bool rms, bool add, const NormGeometry& g) {
+    if (add) return false;
     gpu::BackwardArgs a;
     a.rms = rms;
     a.x_type = GpuType<T>::value;
@@ -286,8 +298,9 @@ struct Launch<GpuDevice, T, U> {
     return gpu::LayerNormBackwardInPlaceSafe(a);
   }
 
-  static Status Forward(OpKernelContext* ctx, bool rms, const NormGeometry& g, const T* x,
-                        const U* gamma, const U* beta, float epsilon, T* y, C* mean, C* rstd) {
+  static Status Forward(OpKernelContext* ctx, const char* op, bool rms, const NormGeometry& g,
+                        const T* x, const T* residual, const U* gamma, const U* beta,
+                        float epsilon, T* y, T* sum, C* mean, C* rstd) {
     gpu::ForwardArgs a;
     a.rms = rms;
     a.x_type = GpuType<T>::value;
@@ -300,13 +313,14 @@ struct Launch<GpuDevice, T, U> {
     a.y = y;
     a.mean = mean;
     a.rstd = rstd;
-    return FromGpu(gpu::LayerNormForward(a, StreamOf(ctx)), rms ? "RMSNorm" : "LayerNorm");
+    a.residual = residual;
+    a.sum = sum;
+    return FromGpu(gpu::LayerNormForward(a, StreamOf(ctx)), op);
   }
 
-  static Status Backward(OpKernelContext* ctx, bool rms, const NormGeometry& g, const T* dy,
-                         const T* x, const U* gamma, const C* mean, const C* rstd, T* dx,
-                         U* dgamma, U* dbeta) {
-    const char* op = rms ? "RMSNormGrad" : "LayerNormGrad";
+  static Status Backward(OpKernelContext* ctx, const char* op, bool rms, const NormGeometry& g,
+                         const T* dy, const T* dsum, const T* x, const U* gamma, const C* mean,
+                         const C* rstd, T* dx, U* dgamma, U* dbeta) {
     gpu::BackwardArgs a;
     a.rms = rms;
     a.x_type = GpuType<T>::value;
@@ -320,6 +334,7 @@ struct Launch<GpuDevice, T, U> {
     a.dx = dx;
     a.dgamma = dgamma;
     a.dbeta = dbeta;
+    a.dsum = dsum;
     size_t bytes = 0;
     TF_RETURN_IF_ERROR(FromGpu(gpu::LayerNormBackwardWorkspaceBytes(a, &bytes), op));
     Tensor workspace;
@@ -335,11 +350,21 @@ struct Launch<GpuDevice, T, U> {
 };
 #endif  // GOOGLE_CUDA
 
+const char* OpName(bool rms, bool add, bool grad) {
+  static const char* const kNames[2][2][2] = {
+      {{"LayerNorm", "LayerNormGrad"}, {"AddLayerNorm", "AddLayerNormGrad"}},
+      {{"RMSNorm", "RMSNormGrad"}, {"AddRMSNorm", "AddRMSNormGrad"}}};
+  return kNames[rms][add][grad];
+}
+
 // The forward ops. LayerNorm: (x, gamma, beta) -> (y, mean, rstd); RMSNorm
 // (kRms): (x, gamma) -> (y, rstd), the same kernels with no mean and no beta.
-template <typename Device, typename T, typename U, bool kRms>
+// Residual add + norm (kAdd): residual follows x and sum follows y.
+template <typename Device, typename T, typename U, bool kRms, bool kAdd>
 class NormOp : public LayerNormBase {
   using C = ComputeType<T>;
+  static constexpr int kGamma = kAdd ? 2 : 1;  // input index of gamma
+  static constexpr int kStats = kAdd ? 2 : 1;  // output index of mean (rstd if kRms)
 
  public:
   explicit NormOp(OpKernelConstruction* ctx) : LayerNormBase(ctx) {
@@ -350,29 +375,42 @@ class NormOp : public LayerNormBase {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
-    const Tensor& gamma = ctx->input(1);
+    const Tensor& gamma = ctx->input(kGamma);
+    if (kAdd) {
+      const Tensor& r = ctx->input(1);
+      OP_REQUIRES(ctx, r.shape() == x.shape(),
+                  InvalidArgument("residual has shape ", r.shape().DebugString(),
+                                  " but x has shape ", x.shape().DebugString(),
+                                  "; expected equal shapes"));
+    }
     ResolvedAxes axes;
     OP_REQUIRES_OK(ctx, ResolveAxes(x.shape(), begin_norm_axis_, num_norm_axes_, &axes));
     OP_REQUIRES_OK(ctx, CheckParam("gamma", gamma, axes, x.shape(), scale_, "scale"));
     const U* beta = nullptr;
     if (!kRms) {
-      const Tensor& b = ctx->input(2);
+      const Tensor& b = ctx->input(kGamma + 1);
       OP_REQUIRES_OK(ctx, CheckParam("beta", b, axes, x.shape(), center_, "center"));
       if (center_) beta = b.flat<U>().data();
     }
 
-    Tensor *y = nullptr, *mean = nullptr, *rstd = nullptr;
-    OP_REQUIRES_OK(ctx, ForwardOrAllocate(
-                            ctx, Launch<Device, T, U>::ForwardInPlaceSafe(kRms, axes.geometry),
-                            /*in=x*/ 0, /*out=y*/ 0, &y));
-    if (!kRms) OP_REQUIRES_OK(ctx, ctx->allocate_output(1, axes.stats_shape, &mean));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(kRms ? 1 : 2, axes.stats_shape, &rstd));
+    Tensor *y = nullptr, *sum = nullptr, *mean = nullptr, *rstd = nullptr;
+    const bool in_place =
+        Launch<Device, T, U>::ForwardInPlaceSafe(kRms, kAdd, axes.geometry);
+    if (kAdd) {
+      OP_REQUIRES_OK(ctx, ForwardOrAllocate(ctx, in_place, {/*x=*/0}, /*sum=*/1, &sum));
+      OP_REQUIRES_OK(ctx, ForwardOrAllocate(ctx, in_place, {/*residual=*/1}, /*y=*/0, &y));
+    } else {
+      OP_REQUIRES_OK(ctx, ForwardOrAllocate(ctx, in_place, {/*x=*/0}, /*y=*/0, &y));
+    }
+    if (!kRms) OP_REQUIRES_OK(ctx, ctx->allocate_output(kStats, axes.stats_shape, &mean));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(kRms ? kStats : kStats + 1, axes.stats_shape, &rstd));
 
     OP_REQUIRES_OK(ctx, (Launch<Device, T, U>::Forward(
-                            ctx, kRms, axes.geometry, x.flat<T>().data(),
+                            ctx, OpName(kRms, kAdd, false), kRms, axes.geometry,
+                            x.flat<T>().data(), kAdd ? ctx->input(1).flat<T>().data() : nullptr,
                             scale_ ? gamma.flat<U>().data() : nullptr, beta, epsilon_,
-                            y->flat<T>().data(), kRms ? nullptr : mean->flat<C>().data(),
-                            rstd->flat<C>().data())));
+                            y->flat<T>().data(), kAdd ? sum->flat<T>().data() : nullptr,
+                            kRms ? nullptr : mean->flat<C>().data(), rstd->flat<C>().data())));
   }
 
  private:
@@ -380,23 +418,37 @@ class NormOp : public LayerNormBase {
 };
 
 // The backward ops. LayerNormGrad: (dy, x, gamma, mean, rstd) -> (dx, dgamma,
-// dbeta); RMSNormGrad (kRms): (dy, x, gamma, rstd) -> (dx, dgamma).
-template <typename Device, typename T, typename U, bool kRms>
+// dbeta); RMSNormGrad (kRms): (dy, x, gamma, rstd) -> (dx, dgamma). Residual
+// add + norm (kAdd): dsum (x's shape, or [0] for none) follows dy, and x is
+// the forward's sum.
+template <typename Device, typename T, typename U, bool kRms, bool kAdd>
 class NormGradOp : public LayerNormBase {
   using C = ComputeType<T>;
+  static constexpr int kX = kAdd ? 2 : 1;  // input index of x (sum)
 
  public:
   explicit NormGradOp(OpKernelConstruction* ctx) : LayerNormBase(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
+    const char* x_name = kAdd ? "sum" : "x";
     const Tensor& dy = ctx->input(0);
-    const Tensor& x = ctx->input(1);
-    const Tensor& gamma = ctx->input(2);
-    const Tensor* mean = kRms ? nullptr : &ctx->input(3);
-    const Tensor& rstd = ctx->input(kRms ? 3 : 4);
+    const Tensor& x = ctx->input(kX);
+    const Tensor& gamma = ctx->input(kX + 1);
+    const Tensor* mean = kRms ? nullptr : &ctx->input(kX + 2);
+    const Tensor& rstd = ctx->input(kRms ? kX + 2 : kX + 3);
     OP_REQUIRES(ctx, dy.shape() == x.shape(),
-                InvalidArgument("dy has shape ", dy.shape().DebugString(), " but x has shape ",
-                                x.shape().DebugString(), "; expected equal shapes"));
+                InvalidArgument("dy has shape ", dy.shape().DebugString(), " but ", x_name,
+                                " has shape ", x.shape().DebugString(), "; expected equal shapes"));
+    const T* dsum = nullptr;
+    if (kAdd) {
+      const Tensor& ds = ctx->input(1);
+      const bool none = ds.dims() == 1 && ds.dim_size(0) == 0;
+      OP_REQUIRES(ctx, none || ds.shape() == x.shape(),
+                  InvalidArgument("dsum has shape ", ds.shape().DebugString(), ", expected ",
+                                  x.shape().DebugString(),
+                                  " (sum's shape) or [0] (no gradient reaches sum directly)"));
+      if (!none) dsum = ds.flat<T>().data();
+    }
     ResolvedAxes axes;
     OP_REQUIRES_OK(ctx, ResolveAxes(x.shape(), begin_norm_axis_, num_norm_axes_, &axes));
     OP_REQUIRES_OK(ctx, CheckParam("gamma", gamma, axes, x.shape(), scale_, "scale"));
@@ -405,22 +457,26 @@ class NormGradOp : public LayerNormBase {
       if (t == nullptr) continue;
       OP_REQUIRES(ctx, t->shape() == axes.stats_shape,
                   InvalidArgument(name, " has shape ", t->shape().DebugString(), ", expected ",
-                                  axes.stats_shape.DebugString(),
-                                  " (x's shape with the normalized dims set to 1)"));
+                                  axes.stats_shape.DebugString(), " (", x_name,
+                                  "'s shape with the normalized dims set to 1)"));
     }
 
     Tensor *dx = nullptr, *dgamma = nullptr, *dbeta = nullptr;
     const TensorShape empty({0});
-    OP_REQUIRES_OK(ctx, ForwardOrAllocate(
-                            ctx, Launch<Device, T, U>::BackwardInPlaceSafe(kRms, axes.geometry),
-                            /*in=dy*/ 0, /*out=dx*/ 0, &dx));
+    const bool in_place = Launch<Device, T, U>::BackwardInPlaceSafe(kRms, kAdd, axes.geometry);
+    if (dsum != nullptr) {
+      OP_REQUIRES_OK(ctx, ForwardOrAllocate(ctx, in_place, {/*dy=*/0, /*dsum=*/1}, 0, &dx));
+    } else {
+      OP_REQUIRES_OK(ctx, ForwardOrAllocate(ctx, in_place, {/*dy=*/0}, /*dx=*/0, &dx));
+    }
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, scale_ ? axes.norm_shape : empty, &dgamma));
     if (!kRms) {
       OP_REQUIRES_OK(ctx, ctx->allocate_output(2, center_ ? axes.norm_shape : empty, &dbeta));
     }
 
     OP_REQUIRES_OK(ctx, (Launch<Device, T, U>::Backward(
-                            ctx, kRms, axes.geometry, dy.flat<T>().data(), x.flat<T>().data(),
+                            ctx, OpName(kRms, kAdd, true), kRms, axes.geometry,
+                            dy.flat<T>().data(), dsum, x.flat<T>().data(),
                             scale_ ? gamma.flat<U>().data() : nullptr,
                             kRms ? nullptr : mean->flat<C>().data(), rstd.flat<C>().data(),
                             dx->flat<T>().data(), scale_ ? dgamma->flat<U>().data() : nullptr,
@@ -428,31 +484,28 @@ class NormGradOp : public LayerNormBase {
   }
 };
 
-#define TFLN_REGISTER(DEVICE, DeviceType, T, U)                                     \
-  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>LayerNorm")                             \
-                              .Device(DEVICE)                                       \
-                              .TypeConstraint<T>("T")                               \
-                              .TypeConstraint<U>("U")                               \
-                              .TypeConstraint<ComputeType<T>>("S"),                 \
-                          NormOp<DeviceType, T, U, false>);                         \
-  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>LayerNormGrad")                         \
-                              .Device(DEVICE)                                       \
-                              .TypeConstraint<T>("T")                               \
-                              .TypeConstraint<U>("U")                               \
-                              .TypeConstraint<ComputeType<T>>("S"),                 \
-                          NormGradOp<DeviceType, T, U, false>);                     \
-  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>RMSNorm")                               \
-                              .Device(DEVICE)                                       \
-                              .TypeConstraint<T>("T")                               \
-                              .TypeConstraint<U>("U")                               \
-                              .TypeConstraint<ComputeType<T>>("S"),                 \
-                          NormOp<DeviceType, T, U, true>);                          \
-  REGISTER_KERNEL_BUILDER(Name("TfLayernorm>RMSNormGrad")                           \
-                              .Device(DEVICE)                                       \
-                              .TypeConstraint<T>("T")                               \
-                              .TypeConstraint<U>("U")                               \
-                              .TypeConstraint<ComputeType<T>>("S"),                 \
-                          NormGradOp<DeviceType, T, U, true>);
+#define TFLN_REGISTER_OP(NAME, DEVICE, T, U, ...)                                  \
+  REGISTER_KERNEL_BUILDER(Name(NAME)                                              \
+                              .Device(DEVICE)                                     \
+                              .TypeConstraint<T>("T")                             \
+                              .TypeConstraint<U>("U")                             \
+                              .TypeConstraint<ComputeType<T>>("S"),               \
+                          __VA_ARGS__);
+
+#define TFLN_REGISTER(DEVICE, DeviceType, T, U)                                                 \
+  TFLN_REGISTER_OP("TfLayernorm>LayerNorm", DEVICE, T, U, NormOp<DeviceType, T, U, false, false>) \
+  TFLN_REGISTER_OP("TfLayernorm>LayerNormGrad", DEVICE, T, U,                                   \
+                   NormGradOp<DeviceType, T, U, false, false>)                                  \
+  TFLN_REGISTER_OP("TfLayernorm>RMSNorm", DEVICE, T, U, NormOp<DeviceType, T, U, true, false>)   \
+  TFLN_REGISTER_OP("TfLayernorm>RMSNormGrad", DEVICE, T, U,                                     \
+                   NormGradOp<DeviceType, T, U, true, false>)                                   \
+  TFLN_REGISTER_OP("TfLayernorm>AddLayerNorm", DEVICE, T, U,                                    \
+                   NormOp<DeviceType, T, U, false, true>)                                       \
+  TFLN_REGISTER_OP("TfLayernorm>AddLayerNormGrad", DEVICE, T, U,                                \
+                   NormGradOp<DeviceType, T, U, false, true>)                                   \
+  TFLN_REGISTER_OP("TfLayernorm>AddRMSNorm", DEVICE, T, U, NormOp<DeviceType, T, U, true, true>) \
+  TFLN_REGISTER_OP("TfLayernorm>AddRMSNormGrad", DEVICE, T, U,                                  \
+                   NormGradOp<DeviceType, T, U, true, true>)
 
 // Same-dtype parameters, plus float32 parameters for half-precision x (the
 // mixed-precision layout: float32 variables, float16/bfloat16 activations).
@@ -471,6 +524,7 @@ TFLN_REGISTER_ALL(tensorflow::DEVICE_GPU, GpuDevice)
 
 #undef TFLN_REGISTER_ALL
 #undef TFLN_REGISTER
+#undef TFLN_REGISTER_OP
 
 // Every other dtype combination gets a kernel that fails with a clear
 // InvalidArgument naming the accepted ones. Without it an eager call (which
@@ -504,7 +558,9 @@ const bool kUnsupportedTypesRegistered = [] {
   };
   for (const char* device : kDevices) {
     for (const char* op : {"TfLayernorm>LayerNorm", "TfLayernorm>LayerNormGrad",
-                           "TfLayernorm>RMSNorm", "TfLayernorm>RMSNormGrad"}) {
+                           "TfLayernorm>RMSNorm", "TfLayernorm>RMSNormGrad",
+                           "TfLayernorm>AddLayerNorm", "TfLayernorm>AddLayerNormGrad",
+                           "TfLayernorm>AddRMSNorm", "TfLayernorm>AddRMSNormGrad"}) {
       for (auto t : kTypes) {
         for (auto u : kTypes) {
           for (auto s : kStats) {

@@ -101,45 +101,66 @@ Status CheckEpsilon(InferenceContext* c) {
 }
 
 // LayerNorm (x, gamma, beta) -> (y, mean, rstd); RMSNorm (rms): (x, gamma) ->
-// (y, rstd), no beta and no center attr.
-Status NormForwardShape(InferenceContext* c, bool rms) {
+// (y, rstd), no beta and no center attr. Residual add + norm (add): x is
+// followed by residual (x's shape) and y by sum (s = x + residual, x's shape).
+Status NormForwardShape(InferenceContext* c, bool rms, bool add) {
   TF_RETURN_IF_ERROR(CheckTypes(c));
   TF_RETURN_IF_ERROR(CheckEpsilon(c));
   bool scale, center = false, rank_known;
   TF_RETURN_IF_ERROR(c->GetAttr("scale", &scale));
   if (!rms) TF_RETURN_IF_ERROR(c->GetAttr("center", &center));
   ShapeHandle x = c->input(0), norm, stats;
+  if (add && !c->Merge(c->input(0), c->input(1), &x).ok()) {
+    return tensorflow::errors::InvalidArgument(
+        "residual has shape ", c->DebugString(c->input(1)), " but x has shape ",
+        c->DebugString(c->input(0)), "; expected equal shapes");
+  }
   TF_RETURN_IF_ERROR(NormShapes(c, x, &norm, &stats, &rank_known));
-  TF_RETURN_IF_ERROR(CheckParam(c, "gamma", c->input(1), norm, x, scale));
-  if (!rms) TF_RETURN_IF_ERROR(CheckParam(c, "beta", c->input(2), norm, x, center));
-  c->set_output(0, x);
-  for (int i = 1; i < c->num_outputs(); ++i) c->set_output(i, stats);
+  const int p = add ? 2 : 1;  // gamma's input index
+  TF_RETURN_IF_ERROR(CheckParam(c, "gamma", c->input(p), norm, x, scale));
+  if (!rms) TF_RETURN_IF_ERROR(CheckParam(c, "beta", c->input(p + 1), norm, x, center));
+  const int stats_begin = add ? 2 : 1;
+  for (int i = 0; i < stats_begin; ++i) c->set_output(i, x);
+  for (int i = stats_begin; i < c->num_outputs(); ++i) c->set_output(i, stats);
   return Status();
 }
 
 // LayerNormGrad (dy, x, gamma, mean, rstd) -> (dx, dgamma, dbeta); RMSNormGrad
-// (rms): (dy, x, gamma, rstd) -> (dx, dgamma).
-Status NormBackwardShape(InferenceContext* c, bool rms) {
+// (rms): (dy, x, gamma, rstd) -> (dx, dgamma). Residual add + norm (add): dy
+// is followed by dsum (x's shape, or empty for none) and x is the forward's s.
+Status NormBackwardShape(InferenceContext* c, bool rms, bool add) {
   TF_RETURN_IF_ERROR(CheckTypes(c));
   bool scale, center = false, rank_known;
   TF_RETURN_IF_ERROR(c->GetAttr("scale", &scale));
   if (!rms) TF_RETURN_IF_ERROR(c->GetAttr("center", &center));
+  const int xi = add ? 2 : 1;  // x's (s's) input index
+  const char* x_name = add ? "sum" : "x";
   ShapeHandle x;
-  if (!c->Merge(c->input(0), c->input(1), &x).ok()) {
+  if (!c->Merge(c->input(0), c->input(xi), &x).ok()) {
     return tensorflow::errors::InvalidArgument("dy has shape ", c->DebugString(c->input(0)),
-                                               " but x has shape ", c->DebugString(c->input(1)),
+                                               " but ", x_name, " has shape ",
+                                               c->DebugString(c->input(xi)),
                                                "; expected equal shapes");
+  }
+  if (add) {
+    ShapeHandle ds = c->input(1), unused;
+    const bool empty = c->RankKnown(ds) && c->Rank(ds) == 1 && c->Value(c->Dim(ds, 0)) == 0;
+    if (!empty && !c->Merge(ds, x, &unused).ok()) {
+      return tensorflow::errors::InvalidArgument(
+          "dsum has shape ", c->DebugString(ds), ", expected ", c->DebugString(x),
+          " (sum's shape) or [0] (no gradient reaches sum directly)");
+    }
   }
   ShapeHandle norm, stats;
   TF_RETURN_IF_ERROR(NormShapes(c, x, &norm, &stats, &rank_known));
-  TF_RETURN_IF_ERROR(CheckParam(c, "gamma", c->input(2), norm, x, scale));
-  for (int i = 3; i < c->num_inputs(); ++i) {
+  TF_RETURN_IF_ERROR(CheckParam(c, "gamma", c->input(xi + 1), norm, x, scale));
+  for (int i = xi + 2; i < c->num_inputs(); ++i) {
     ShapeHandle unused;
     if (!c->Merge(c->input(i), stats, &unused).ok()) {
       const bool is_rstd = i + 1 == c->num_inputs();
       return tensorflow::errors::InvalidArgument(
           is_rstd ? "rstd" : "mean", " has shape ", c->DebugString(c->input(i)), ", expected ",
-          c->DebugString(stats), " (x's shape with the normalized dims set to 1)");
+          c->DebugString(stats), " (", x_name, "'s shape with the normalized dims set to 1)");
     }
   }
   ShapeHandle empty = c->MakeShape({0});
@@ -149,10 +170,14 @@ Status NormBackwardShape(InferenceContext* c, bool rms) {
   return Status();
 }
 
-Status ForwardShape(InferenceContext* c) { return NormForwardShape(c, /*rms=*/false); }
-Status BackwardShape(InferenceContext* c) { return NormBackwardShape(c, /*rms=*/false); }
-Status RmsForwardShape(InferenceContext* c) { return NormForwardShape(c, /*rms=*/true); }
-Status RmsBackwardShape(InferenceContext* c) { return NormBackwardShape(c, /*rms=*/true); }
+Status ForwardShape(InferenceContext* c) { return NormForwardShape(c, false, false); }
+Status BackwardShape(InferenceContext* c) { return NormBackwardShape(c, false, false); }
+Status RmsForwardShape(InferenceContext* c) { return NormForwardShape(c, true, false); }
+Status RmsBackwardShape(InferenceContext* c) { return NormBackwardShape(c, true, false); }
+Status AddForwardShape(InferenceContext* c) { return NormForwardShape(c, false, true); }
+Status AddBackwardShape(InferenceContext* c) { return NormBackwardShape(c, false, true); }
+Status AddRmsForwardShape(InferenceContext* c) { return NormForwardShape(c, true, true); }
+Status AddRmsBackwardShape(InferenceContext* c) { return NormBackwardShape(c, true, true); }
 
 }  // namespace
 
@@ -255,6 +280,105 @@ REGISTER_OP("TfLayernorm>RMSNormGrad")
     .Doc(R"doc(
 Gradient of TfLayernorm>RMSNorm with respect to x and gamma (dgamma has shape
 [0] when scale is false).
+)doc");
+
+REGISTER_OP("TfLayernorm>AddLayerNorm")
+    .Input("x: T")
+    .Input("residual: T")
+    .Input("gamma: U")
+    .Input("beta: U")
+    .Output("y: T")
+    .Output("sum: T")
+    .Output("mean: S")
+    .Output("rstd: S")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {half, bfloat16, float, double}")
+    .Attr("S: {float, double} = DT_FLOAT")
+    .Attr("epsilon: float = 1e-5")
+    .Attr("begin_norm_axis: int = -1")
+    .Attr("num_norm_axes: int = 1")
+    .Attr("scale: bool = true")
+    .Attr("center: bool = true")
+    .SetShapeFn(AddForwardShape)
+    .Doc(R"doc(
+Residual add + Layer Normalization in one kernel: sum = x + residual (rounded
+to T as an element-wise add in T rounds), y = LayerNorm(sum) as
+TfLayernorm>LayerNorm computes it. x and residual are read once.
+
+x: the input.
+residual: the residual stream, x's dtype and shape.
+gamma: the scale, shaped like the normalized dims; empty when scale=false.
+beta: the offset, shaped like the normalized dims; empty when center=false.
+y: the normalized sum, in x's dtype.
+sum: x + residual, in x's dtype (the next residual stream of a pre-LN block).
+mean: per-row mean of sum, x's shape with the normalized dims set to 1.
+rstd: per-row 1 / sqrt(var + epsilon), same shape as mean.
+)doc");
+
+REGISTER_OP("TfLayernorm>AddLayerNormGrad")
+    .Input("dy: T")
+    .Input("dsum: T")
+    .Input("sum: T")
+    .Input("gamma: U")
+    .Input("mean: S")
+    .Input("rstd: S")
+    .Output("dx: T")
+    .Output("dgamma: U")
+    .Output("dbeta: U")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {half, bfloat16, float, double}")
+    .Attr("S: {float, double} = DT_FLOAT")
+    .Attr("begin_norm_axis: int = -1")
+    .Attr("num_norm_axes: int = 1")
+    .Attr("scale: bool = true")
+    .Attr("center: bool = true")
+    .SetShapeFn(AddBackwardShape)
+    .Doc(R"doc(
+Gradient of TfLayernorm>AddLayerNorm: dx (which is also the gradient of
+residual) = LayerNormGrad's dx at sum + dsum, added before rounding to T;
+dgamma and dbeta as TfLayernorm>LayerNormGrad.
+
+dsum: the gradient reaching sum directly, sum's shape, or shape [0] for none.
+)doc");
+
+REGISTER_OP("TfLayernorm>AddRMSNorm")
+    .Input("x: T")
+    .Input("residual: T")
+    .Input("gamma: U")
+    .Output("y: T")
+    .Output("sum: T")
+    .Output("rstd: S")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {half, bfloat16, float, double}")
+    .Attr("S: {float, double} = DT_FLOAT")
+    .Attr("epsilon: float = 1e-6")
+    .Attr("begin_norm_axis: int = -1")
+    .Attr("num_norm_axes: int = 1")
+    .Attr("scale: bool = true")
+    .SetShapeFn(AddRmsForwardShape)
+    .Doc(R"doc(
+Residual add + RMS Normalization in one kernel: sum = x + residual (rounded
+to T), y = RMSNorm(sum) as TfLayernorm>RMSNorm computes it.
+)doc");
+
+REGISTER_OP("TfLayernorm>AddRMSNormGrad")
+    .Input("dy: T")
+    .Input("dsum: T")
+    .Input("sum: T")
+    .Input("gamma: U")
+    .Input("rstd: S")
+    .Output("dx: T")
+    .Output("dgamma: U")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {half, bfloat16, float, double}")
+    .Attr("S: {float, double} = DT_FLOAT")
+    .Attr("begin_norm_axis: int = -1")
+    .Attr("num_norm_axes: int = 1")
+    .Attr("scale: bool = true")
+    .SetShapeFn(AddRmsBackwardShape)
+    .Doc(R"doc(
+Gradient of TfLayernorm>AddRMSNorm: dx (also residual's gradient) =
+RMSNormGrad's dx at sum + dsum (shape [0]: none), and dgamma.
 )doc");
 
 }  // namespace tf_layernorm
