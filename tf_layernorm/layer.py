@@ -21,9 +21,12 @@ def _param_shape(layer, input_shape):
 
 class _NormLayer(keras.layers.Layer):
     """What LayerNorm and RMSNorm share: output in the compute dtype (the ops
-    return x's dtype, which under autocast=False may differ), output shape."""
+    return x's dtype, which under autocast=False may differ), output shape,
+    and the residual form `layer(x, residual=r) -> (y, s)`."""
 
     def _finish(self, outputs):
+        if isinstance(outputs, tuple):  # (y, s): s stays x + residual, in x's dtype
+            return self._finish(outputs[0]), outputs[1]
         if outputs.dtype != self.compute_dtype:
             outputs = tf.cast(outputs, self.compute_dtype)
         return outputs
@@ -31,6 +34,17 @@ class _NormLayer(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         ops._normalize_axes(self.axis, len(input_shape))
         return tuple(input_shape)
+
+    def compute_output_spec(self, inputs, residual=None, **kwargs):
+        y = keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype=self.compute_dtype)
+        if residual is None:
+            return y
+        if tuple(residual.shape) != tuple(inputs.shape) and not all(
+                a is None or b is None or a == b for a, b in zip(residual.shape, inputs.shape)):
+            raise ValueError(
+                f"{type(self).__name__}: residual has shape {tuple(residual.shape)}, expected "
+                f"the input's shape {tuple(inputs.shape)}")
+        return y, keras.KerasTensor(tuple(inputs.shape), dtype=inputs.dtype)
 
 
 @keras.saving.register_keras_serializable(package="tf_layernorm")
@@ -56,6 +70,9 @@ class LayerNorm(_NormLayer):
         there: x * rsqrt(var + epsilon) * gamma with no mean subtraction and
         no beta; composite ops, not the fused kernel). For RMS normalization
         use `keras.layers.RMSNormalization`.
+
+    Called as `layer(x, residual=r)` it returns `(y, s)`: s = x + r and
+    y = the normalized s, from one fused kernel (`tfln.add_layer_norm`).
 
     `supports_jit` is False: with `jit_compile="auto"` Keras then runs the
     fused kernel instead of XLA. Under an explicit XLA compile the layer
@@ -123,7 +140,9 @@ class LayerNorm(_NormLayer):
     def build(self, input_shape):
         self._create_weights(_param_shape(self, input_shape))
 
-    def call(self, inputs):
+    def call(self, inputs, residual=None):
+        """y = norm(inputs); with `residual`, (y, s): s = inputs + residual
+        (the fused add, one kernel) and y = norm(s)."""
         if self.in_channels:
             axes = ops._normalize_axes(self.axis, inputs.shape.rank)
             got = inputs.shape[axes[0]]
@@ -132,10 +151,16 @@ class LayerNorm(_NormLayer):
                     f"LayerNorm was built with in_channels={self.in_channels}, but axis "
                     f"{self.axis} of the input (shape {tuple(inputs.shape)}) has size {got}")
         if self.rms_scaling:
-            outputs = ops.keras_rms_scaling(inputs, self.gamma, self.axis, self.epsilon)
-        else:
+            # Keras's deprecated composite math: nothing to fuse.
+            s = inputs if residual is None else inputs + ops._check_residual(residual, inputs)
+            y = ops.keras_rms_scaling(s, self.gamma, self.axis, self.epsilon)
+            outputs = y if residual is None else (y, s)
+        elif residual is None:
             outputs = ops.layer_norm(inputs, self.gamma, self.beta, axis=self.axis,
                                      epsilon=self.epsilon)
+        else:
+            outputs = ops.add_layer_norm(inputs, residual, self.gamma, self.beta,
+                                         axis=self.axis, epsilon=self.epsilon)
         return self._finish(outputs)
 
     def get_config(self):
@@ -169,6 +194,9 @@ class RMSNorm(_NormLayer):
       axis: int or list/tuple of ints: the axes to normalize over.
       epsilon: added to the mean square (default 1e-6, as Keras).
       **kwargs: base layer arguments (`name`, `dtype`, `trainable`, ...).
+
+    Called as `layer(x, residual=r)` it returns `(y, s)`: s = x + r and
+    y = the normalized s, from one fused kernel (`tfln.add_rms_norm`).
     """
 
     def __init__(self, axis=-1, epsilon=1e-6, **kwargs):
@@ -185,9 +213,14 @@ class RMSNorm(_NormLayer):
         self.scale = self.add_weight(name="scale", shape=_param_shape(self, input_shape),
                                      initializer="ones", autocast=False)
 
-    def call(self, inputs):
-        return self._finish(ops.rms_norm(inputs, self.scale, axis=self.axis,
-                                         epsilon=self.epsilon))
+    def call(self, inputs, residual=None):
+        """y = norm(inputs); with `residual`, (y, s): s = inputs + residual
+        (the fused add, one kernel) and y = norm(s)."""
+        if residual is None:
+            return self._finish(ops.rms_norm(inputs, self.scale, axis=self.axis,
+                                             epsilon=self.epsilon))
+        return self._finish(ops.add_rms_norm(inputs, residual, self.scale, axis=self.axis,
+                                             epsilon=self.epsilon))
 
     def get_config(self):
         config = super().get_config()
