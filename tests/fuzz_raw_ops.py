@@ -6,8 +6,9 @@ hangs, silent success on malformed input and wrong outputs on valid input.
     python tests/fuzz_raw_ops.py --cases 300 --seed 0 --timeout 30
     python tests/fuzz_raw_ops.py --seed 0 --case 17      # one case: spec, run, verdict
 
-Ops: TfLayernorm>LayerNorm, LayerNormGrad, RMSNorm, RMSNormGrad (through
-tf_layernorm.load_ops()). A case is drawn deterministically from (seed,
+Ops: TfLayernorm>LayerNorm, LayerNormGrad, RMSNorm, RMSNormGrad and the
+residual-add AddLayerNorm, AddLayerNormGrad, AddRMSNorm, AddRMSNormGrad
+(through tf_layernorm.load_ops()). A case is drawn deterministically from (seed,
 index): a valid call (shapes, dtypes, attrs) with 0-4 mutations applied
 (wrong ranks and shapes of every input, wrong dtypes and dtype combinations,
 empty and zero-size tensors with huge dims, scalars, rank 7-10, attrs out of
@@ -56,6 +57,15 @@ OPS = {
                       False, True),
     "RMSNorm": ("tf_layernorm_rms_norm", ["x", "gamma"], True, False),
     "RMSNormGrad": ("tf_layernorm_rms_norm_grad", ["dy", "x", "gamma", "rstd"], False, False),
+    # Residual add + norm. "x" of the grad ops is their `sum` input (the
+    # forward's s); dsum is x's shape, or [0] for none.
+    "AddLayerNorm": ("tf_layernorm_add_layer_norm", ["x", "residual", "gamma", "beta"], True,
+                     True),
+    "AddLayerNormGrad": ("tf_layernorm_add_layer_norm_grad",
+                         ["dy", "dsum", "x", "gamma", "mean", "rstd"], False, True),
+    "AddRMSNorm": ("tf_layernorm_add_rms_norm", ["x", "residual", "gamma"], True, False),
+    "AddRMSNormGrad": ("tf_layernorm_add_rms_norm_grad", ["dy", "dsum", "x", "gamma", "rstd"],
+                       False, False),
 }
 MODES = ["eager", "function", "function_unknown_shapes"]
 # Inputs are materialized: at most this many elements each (mutations that
@@ -126,6 +136,8 @@ def valid_case(op="LayerNorm", rng=None):
     inputs = {
         "x": {"shape": shape, "dtype": x_dtype},
         "dy": {"shape": shape, "dtype": x_dtype},
+        "residual": {"shape": shape, "dtype": x_dtype},
+        "dsum": {"shape": shape if rng.random() < 0.6 else [0], "dtype": x_dtype},
         "gamma": {"shape": norm if scale else [0], "dtype": p_dtype},
         "beta": {"shape": norm if center else [0], "dtype": p_dtype},
         "mean": {"shape": stats, "dtype": stats_dtype(x_dtype)},
@@ -306,8 +318,9 @@ def contract(case):
         if ins[name]["dtype"] not in FLOATS:
             return bad(f"{name} is {ins[name]['dtype']}")
     t = x["dtype"]
-    if "dy" in ins and ins["dy"]["dtype"] != t:
-        return bad("dy and x dtypes differ")
+    for name in ("dy", "residual", "dsum"):
+        if name in ins and ins[name]["dtype"] != t:
+            return bad(f"{name} and x dtypes differ")
     u = ins["gamma"]["dtype"]
     if "beta" in ins and ins["beta"]["dtype"] != u:
         return bad("gamma and beta dtypes differ")
@@ -326,8 +339,11 @@ def contract(case):
         if not (np.isfinite(eps) and eps >= 0):
             return bad(f"epsilon {attrs['epsilon']} (as float32: {eps})")
     shape = x["shape"]
-    if "dy" in ins and ins["dy"]["shape"] != shape:
-        return bad("dy and x shapes differ")
+    for name in ("dy", "residual"):
+        if name in ins and ins[name]["shape"] != shape:
+            return bad(f"{name} and x shapes differ")
+    if "dsum" in ins and ins["dsum"]["shape"] not in (shape, [0]):
+        return bad("dsum neither x's shape nor [0]")
     parts = resolve(shape, attrs.get("begin_norm_axis", -1), attrs.get("num_norm_axes", 1))
     if parts is None:
         return bad("normalized axes out of range")
@@ -349,11 +365,12 @@ def contract(case):
         if name in ins and ins[name]["shape"] != stats:
             return bad(f"{name} shape {ins[name]['shape']} != {stats}")
     d = int(np.prod(norm, dtype=object))
+    add = op.startswith("Add")
     if forward:
-        outputs = [(shape, t)] + [(stats, s)] * (2 if op == "LayerNorm" else 1)
+        outputs = [(shape, t)] * (2 if add else 1) + [(stats, s)] * (2 if center_attr else 1)
     else:
         outputs = [(shape, t), (norm if scale else [0], u)]
-        if op == "LayerNormGrad":
+        if center_attr:
             outputs.append((norm if center else [0], u))
     # Finite inputs give finite outputs, except the statistics of D == 0
     # (documented NaN) and rows whose variance is 0 with epsilon 0 (any size-1

@@ -18,8 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_public_api():
     assert sorted(tfln.__all__) == sorted(
-        ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm", "fuse", "load_ops", "build_info",
-         "__version__"])
+        ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
+         "fuse", "load_ops", "build_info", "__version__"])
     for name in tfln.__all__:
         assert hasattr(tfln, name)
 
