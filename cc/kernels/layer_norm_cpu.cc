@@ -310,6 +310,10 @@ KernelStatus LayerNormForwardCpu(const NormGeometry& g, CpuDType x_type, CpuDTyp
   a.sum = sum;
   // y in residual's buffer: the kernel has just read it (see CanStream).
   a.stream = CanStream(g, x_type, x, y) && y != residual;
+  // s streams on the row path (where the passes read the row cache) when it
+  // is not written in place into x's buffer.
+  a.stream_sum = sum != nullptr && g.inner == 1 && CanStream(g, x_type, x, sum) &&
+                 sum != residual;
   const int64_t bytes = g.num_elements() * static_cast<int64_t>(ElementBytes(x_type));
   if (y != x && y != residual) AdviseHugePages(y, bytes);
   if (sum != nullptr && sum != x) AdviseHugePages(sum, bytes);

@@ -200,6 +200,32 @@ inline void AddRow(const S* x, const S* r, S* s, int64_t n) {
   });
 }
 
+// AddRow that also leaves s's values in `cache` (the compute type, full
+// vectors, lanes past n zero) for the passes to read, so s itself may be
+// written with non-temporal stores (`stream`: n a multiple of kW, s aligned)
+// and never read back.
+template <class V, class S>
+inline void AddRowToCache(const S* x, const S* r, S* s, int64_t n, typename V::C* __restrict cache,
+                          bool stream) {
+  using R = typename V::R;
+  constexpr bool kNarrow = sizeof(S) < sizeof(typename V::C);
+  ForVectors<V>(n, [&](int64_t i, int64_t k) {
+    R v = V::Add(LoadK<V>(x + i, k), LoadK<V>(r + i, k));
+    if (kNarrow) {
+      // Rounded to S and widened back (exact): the value s holds.
+      alignas(64) S tmp[V::kW];
+      V::Store(tmp, v);
+      v = V::KeepN(V::Load(tmp), k);
+    }
+    if (stream) {
+      V::StoreStream(s + i, v);
+    } else {
+      StoreK<V>(s + i, v, k);
+    }
+    V::Store(cache + i, v);
+  });
+}
+
 // One row of the forward; X is the type the row is read as: S, or the
 // compute type when it was widened into a cache.
 template <class V, class X, class S, class P, bool kScale, bool kCenter>
@@ -250,8 +276,6 @@ void ForwardRows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
   using C = typename V::C;
   constexpr bool kWiden = sizeof(S) < sizeof(C);
   const int64_t n = a.norm;
-  // With a residual, rows are summed into s first (AddRow) and the passes
-  // read s, still in L1/L2; x and residual are read from memory once.
   const S* x = static_cast<const S*>(a.x);
   const S* res = static_cast<const S*>(a.residual);
   S* sum = static_cast<S*>(a.sum);
@@ -263,22 +287,23 @@ void ForwardRows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
   const C inv_n = C(1) / static_cast<C>(n);
   const C eps = static_cast<C>(a.epsilon);
   const int64_t row_bytes = n * static_cast<int64_t>(sizeof(S));
-  // The row the passes read: x's, or s's once summed.
-  auto source = [&](int64_t r) -> const S* {
-    if (res == nullptr) return x + r * n;
-    AddRow<V>(x + r * n, res + r * n, sum + r * n, n);
-    return sum + r * n;
-  };
   auto prefetch_next = [&](int64_t r) {
     if (r + 1 >= row_end) return;
     PrefetchBytes(x + (r + 1) * n, row_bytes);
     if (res != nullptr) PrefetchBytes(res + (r + 1) * n, row_bytes);
   };
-  if (kWiden && n <= kRowCacheElems) {
-    alignas(64) C cache[kWiden ? kRowCacheElems + V::kW : 1];
+  // With a residual, rows are summed first (x and residual read from memory
+  // once) and the passes read s from cache: from the row cache where rows
+  // fit it (half rows, and any row whose s is streamed), else from s.
+  if ((kWiden || (res != nullptr && a.stream_sum)) && n <= kRowCacheElems) {
+    alignas(64) C cache[kRowCacheElems + V::kW];
     for (int64_t r = row_begin; r < row_end; ++r) {
       prefetch_next(r);
-      WidenRow<V>(source(r), n, cache);
+      if (res != nullptr) {
+        AddRowToCache<V>(x + r * n, res + r * n, sum + r * n, n, cache, a.stream_sum);
+      } else {
+        WidenRow<V>(x + r * n, n, cache);
+      }
       ForwardRow<V, C, S, P, kScale, kCenter>(a, n, inv_n, eps, cache, y + r * n, gamma, beta,
                                               mean, rstd, r);
     }
@@ -286,11 +311,16 @@ void ForwardRows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
     const bool prefetch = row_bytes <= kPrefetchRowBytes;
     for (int64_t r = row_begin; r < row_end; ++r) {
       if (prefetch) prefetch_next(r);
-      ForwardRow<V, S, S, P, kScale, kCenter>(a, n, inv_n, eps, source(r), y + r * n, gamma,
-                                              beta, mean, rstd, r);
+      const S* xr = x + r * n;
+      if (res != nullptr) {
+        AddRow<V>(xr, res + r * n, sum + r * n, n);
+        xr = sum + r * n;
+      }
+      ForwardRow<V, S, S, P, kScale, kCenter>(a, n, inv_n, eps, xr, y + r * n, gamma, beta,
+                                              mean, rstd, r);
     }
   }
-  if (a.stream) V::Fence();
+  if (a.stream || a.stream_sum) V::Fence();
 }
 
 // Largest column chunk of the inner > 1 layout (the driver picks the chunk,

@@ -69,6 +69,9 @@ struct ForwardArgs {
   // before the same element of s or y is written. nullptr: plain norm.
   const void* residual;
   void* sum;
+  // Write s with non-temporal stores (as `stream`, for s's buffer); the
+  // passes then read the row from a cache of its values, never s.
+  bool stream_sum;
 };
 
 // Everything a backward block needs. Partials: per block, kPartialLevels
