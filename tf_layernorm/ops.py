@@ -467,7 +467,10 @@ def _norm_grad(op, dy, dsum, dmean, drstd, rms, add):
     lib = load_ops()
     if add:
         # A sum nobody differentiates (post-LN) passes an empty dsum: no read.
-        ds = tf.zeros([0], x.dtype) if _is_known_zero(dsum) else dsum
+        # Eagerly, zeros are only known by reading them: the kernel reads
+        # dsum instead (one pass, no host sync).
+        unused = dsum is None or (not tf.executing_eagerly() and _is_known_zero(dsum))
+        ds = tf.zeros([0], x.dtype) if unused else dsum
         grad_op = lib.tf_layernorm_add_rms_norm_grad if rms else \
             lib.tf_layernorm_add_layer_norm_grad
         grads = grad_op(dy, ds, x, gamma, *stats, **attrs)
