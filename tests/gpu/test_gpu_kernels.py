@@ -245,6 +245,12 @@ EMU_CASES = _emu_grid() + _special_grid()
 SANITIZER_CASES = [c for c in EMU_CASES
                    if c["outer"] * c["d"] * c["inner"] <= 45000 and
                    (c["dtype"] == "float32" or (c["dtype"] == "bfloat16" and c["d"] in (3, 8200)))]
+# The residual add's pre-pass (racecheck: each thread reads back only the sum
+# it wrote) and dsum loads: float32 LayerNorm on each path but the split
+# backward (RMSNorm only skips the mean's shift).
+SANITIZER_CASES += [c for c in FUSED_EMU_CASES
+                    if c["outer"] * c["d"] * c["inner"] <= 45000 and c["dtype"] == "float32" and
+                    not c.get("x_scale") and not c.get("rms")]
 CASES += _special_grid()
 FUSED_CASES = _fused_grid(big=True)
 
