@@ -606,7 +606,7 @@ __device__ __forceinline__ C Normalize(C x, C mean, C rstd) {
 template <typename T, typename U>
 struct ForwardParams {
   using C = ComputeT<T>;
-  const T* x;
+  const T* x;  // what the kernels normalize: the caller's x, or `sum` with a residual
   const U* gamma;  // nullptr: no scale
   const U* beta;   // nullptr: no offset
   T* y;
@@ -618,7 +618,35 @@ struct ForwardParams {
   int64_t inner;
   C eps;
   C inv_d;
+  // Residual add (residual == nullptr: none, and addend/sum unused): each
+  // thread first writes sum = addend + residual (AddRounded) at exactly the
+  // elements it reads of x later (x == sum then), in its own thread ->
+  // element mapping, and reads them back after: program order, no barrier.
+  // The one element other threads read, the first (the mean's shift), they
+  // compute from addend and residual themselves (FirstOf). Fields in the
+  // constant bank: no register cost when unused.
+  const T* addend;  // the caller's x
+  const T* residual;
+  T* sum;
 };
+
+// x + r rounded to T as an element-wise add in T rounds it, widened: the sum
+// is taken in C (exact for float/double's own add; for 16-bit T, float has
+// more than 2p + 2 bits, so rounding through float is innocuous) and rounded
+// once by Convert<T>::Narrow, as StoreVec/StoreVecN round the pre-passes'.
+template <typename T>
+__device__ __forceinline__ ComputeT<T> AddRounded(T x, T r) {
+  return Convert<T>::Widen(Convert<T>::Narrow(Convert<T>::Widen(x) + Convert<T>::Widen(r)));
+}
+
+// x[at] (widened) of the row or column being normalized, x + residual with a
+// residual: read by threads other than the one that writes sum[at], so taken
+// from the inputs rather than from sum.
+template <typename T, typename U>
+__device__ __forceinline__ ComputeT<T> FirstOf(const ForwardParams<T, U>& p, int64_t at) {
+  if (p.residual != nullptr) return AddRounded(p.addend[at], p.residual[at]);
+  return Convert<T>::Widen(p.x[at]);
+}
 
 // Rows whose values are finite but whose squares leave float's range
 // (|x - mean| ~ 1e20 and up overflows the sum of squares: rstd 0, y 0; with
@@ -790,8 +818,27 @@ __global__ void __launch_bounds__(RowsMaxThreads<T, kForwardRowRegs, kVpt>(),
     const bool active = row < p.rows;
     const int64_t d = active ? p.d : 0;
     const int valid = active ? row_valid : 0;  // element (k, j) is in the row iff k * N + j < valid
-    const T* xr = p.x + (active ? row : 0) * p.d;
-    C shift = active && !p.rms ? MeanShift(Convert<T>::Widen(xr[0])) : C(0);
+    const int64_t row_at = (active ? row : 0) * p.d;
+    if (p.residual != nullptr) {
+      // The sum pre-pass over the thread's elements (k * tpr + lane) * N + j
+      // of its valid prefix, one vector at a time: nothing of it stays live
+      // into the passes below, which read the row back from sum (x).
+      const int tpr_add = Opaque(tpr);
+#pragma unroll 1
+      for (int k = 0; k < kVpt; ++k) {
+        const int n = valid - k * N;
+        if (n <= 0) break;
+        const int64_t at = row_at + (static_cast<int64_t>(k) * tpr_add + lane) * N;
+        C a[N], b[N];
+        LoadVecN<N>(p.addend + at, n, vec, a);
+        LoadVecN<N>(p.residual + at, n, vec, b);
+#pragma unroll
+        for (int j = 0; j < N; ++j) a[j] += b[j];
+        StoreVecN<N>(p.sum + at, n, vec, a);
+      }
+    }
+    const T* xr = p.x + row_at;
+    C shift = active && !p.rms ? MeanShift(FirstOf(p, row_at)) : C(0);
     HeldRow<T, kVpt, N> v;
     C sum[1] = {C(0)};
     // sq[1] sums x - x: 0 for a row of finite values, NaN otherwise.
@@ -881,11 +928,31 @@ __global__ void __launch_bounds__(kStreamBlock)
   const int64_t step = static_cast<int64_t>(blockDim.x) * N;
   const int64_t d = p.d;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    if (p.residual != nullptr) {
+      // The sum pre-pass over the thread's columns threadIdx.x * N + m * step,
+      // those of every pass below. WideStatsStreaming reads other threads'
+      // columns, but after the __syncthreads of the reductions before it.
+      // Held as HeldRow holds a row (16-bit values two to a register).
+      const int64_t at = row * d;
+      HeldRow<T, kStreamOutUnroll, N> a, b;
+      ForStrided<kStreamOutUnroll>(
+          static_cast<int64_t>(threadIdx.x) * N, step, d,
+          [&](int u, int64_t col) {
+            a.Load(u, p.addend + at + col, Remaining<N>(col, d), vec);
+            b.Load(u, p.residual + at + col, Remaining<N>(col, d), vec);
+          },
+          [&](int u, int64_t col) {
+            C out[N];
+#pragma unroll
+            for (int j = 0; j < N; ++j) out[j] = a.X(u, j) + b.X(u, j);
+            StoreVec<N>(p.sum + at, col, d, vec, out);
+          });
+    }
     const T* xr = p.x + row * d;
     C sum[1] = {C(0)};
     C shift = C(0);
     if (!p.rms) {
-      shift = MeanShift(Convert<T>::Widen(xr[0]));  // see ForwardRegistersKernel
+      shift = MeanShift(FirstOf(p, row * d));  // see ForwardRegistersKernel
       HeldRow<T, kStreamUnroll, N> v;
       ForStrided<kStreamUnroll>(
           static_cast<int64_t>(threadIdx.x) * N, step, d,
@@ -1022,6 +1089,18 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
   const int64_t d = p.d, inner = p.inner, step = static_cast<int64_t>(cg.tr) * inner;
   for (int64_t u = blockIdx.x; u < cg.units; u += gridDim.x) {
     const ColumnUnit cu = ColumnUnitOf(cg, u, d, inner, tx, ty);
+    if (p.residual != nullptr) {
+      // The sum pre-pass over the thread's rows of the unit, those every
+      // pass below reads (each_row, each_row_slowly). A rolled loop: grouped
+      // rows would have the compiler hold multiples of the step across the
+      // kernel (spills, and twice the registers of the streamed kernels).
+      int64_t at = cu.first;
+#pragma unroll 1
+      for (int64_t j = 0; j < cu.rows; ++j, at += step) {
+        p.sum[at] = Convert<T>::Narrow(Convert<T>::Widen(p.addend[at]) +
+                                       Convert<T>::Widen(p.residual[at]));
+      }
+    }
     HeldColumn<T, kVpt> v;
     if constexpr (kVpt > 0) {
       const T* xp = p.x + cu.first;
@@ -1058,7 +1137,7 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
     C shift = 0, center = 0;
     if (!p.rms) {
       if (cu.column) {
-        shift = MeanShift(static_cast<C>(Convert<T>::Widen(p.x[cu.base])));
+        shift = MeanShift(static_cast<C>(FirstOf(p, cu.base)));
       }
       C s[1] = {C(0)};
       each_row([&](C xv) { s[0] += xv - shift; });
@@ -1144,6 +1223,9 @@ struct BackwardParams {
   const C* rstd;
   bool rms;        // RMSNorm: no mean terms in dx
   T* dx;
+  // nullptr: none. Else dx = (the norm's dx, in C) + dsum, rounded once; read
+  // at each element by the thread that writes dx there, right before it does.
+  const T* dsum;
   C* part_dgamma;  // [parts, d] or nullptr
   C* part_dbeta;   // [parts, d] or nullptr
   C* col_sums;     // inner > 1 with D split: [chunks, rows, 2] chunk sums
@@ -1215,10 +1297,32 @@ __global__ void __launch_bounds__(kPinBackwardBudgets ? RowsMaxThreads<T, kBackw
       const int n = valid - k * N;
       if (n <= 0) break;
       const int64_t col = (static_cast<int64_t>(k) * tpr_out + lane) * N;
-      C out[N];
+      // Plus dsum (nothing added without it: -0 stays -0). 16-bit values
+      // element by element, each load next to its use: a vector of them
+      // loaded ahead spilled the 16-bit rows of one vector at their
+      // 72-register budget (clang, sm_75), while element-wise loads, or a
+      // vector loaded before dx's values are formed, spilled float64 rows of
+      // 4 vectors at 128 (sm_90). ptxas -v on every arch, this form: none.
+      if constexpr (sizeof(T) == 2) {
+        const T* dsr = p.dsum != nullptr ? p.dsum + offset + col : nullptr;
 #pragma unroll
-      for (int j = 0; j < N; ++j) out[j] = rs * (g[k][j] - mean_g - xh[k][j] * mean_gx);
-      StoreVecN<N>(p.dx + offset + col, n, vec, out);
+        for (int j = 0; j < N; ++j) {
+          g[k][j] = rs * (g[k][j] - mean_g - xh[k][j] * mean_gx);
+          if (dsr != nullptr && j < n) g[k][j] += static_cast<C>(Convert<T>::Widen(dsr[j]));
+        }
+        StoreVecN<N>(p.dx + offset + col, n, vec, g[k]);
+      } else {
+        C out[N];
+#pragma unroll
+        for (int j = 0; j < N; ++j) out[j] = rs * (g[k][j] - mean_g - xh[k][j] * mean_gx);
+        if (p.dsum != nullptr) {
+          C ds[N];
+          LoadVecN<N>(p.dsum + offset + col, n, vec, ds);
+#pragma unroll
+          for (int j = 0; j < N; ++j) out[j] += ds[j];
+        }
+        StoreVecN<N>(p.dx + offset + col, n, vec, out);
+      }
     }
   }
   if (p.part_dgamma == nullptr && p.part_dbeta == nullptr) return;
@@ -1286,13 +1390,22 @@ __global__ void __launch_bounds__(kStreamBlock)
         });
     RowAllReduce(s, static_cast<int>(blockDim.x), smem, parity);
     const C mean_g = p.rms ? C(0) : s[0] * p.inv_d, mean_gx = s[1] * p.inv_d;
+    // dsum in flight with the other loads, held as HeldRow holds a row (16-bit
+    // values two to a register): one more vector of registers per group.
+    HeldRow<T, kBackwardStreamUnroll, N> dsv;
     ForStrided<kBackwardStreamUnroll>(
-        static_cast<int64_t>(threadIdx.x) * N, step, d, load, [&](int u, int64_t col) {
+        static_cast<int64_t>(threadIdx.x) * N, step, d,
+        [&](int u, int64_t col) {
+          load(u, col);
+          if (p.dsum != nullptr) dsv.Load(u, p.dsum + offset + col, Remaining<N>(col, d), vec);
+        },
+        [&](int u, int64_t col) {
           C out[N];
 #pragma unroll
           for (int j = 0; j < N; ++j) {
             const C xhat = (xv[u][j] - mu) * rs;
             out[j] = rs * (dyv[u][j] * gm[u][j] - mean_g - xhat * mean_gx);
+            if (p.dsum != nullptr) out[j] += dsv.X(u, j);
           }
           StoreVec<N>(p.dx + offset, col, d, vec, out);
         });
@@ -1372,15 +1485,28 @@ __global__ void __launch_bounds__(kMaxColumnBlock)
       ColumnAllReduce(s, cg.w, red, parity);
     }
     const C mean_g = p.rms ? C(0) : s[0] * p.inv_d, mean_gx = s[1] * p.inv_d;
-    T* dxp = p.dx + cu.first;
-    auto write = [&](C xhat, C g) {
-      *dxp = Convert<T>::Narrow(rs * (g - mean_g - xhat * mean_gx));
-      dxp += step;
+    // dx, plus dsum at the same element (read right before dx is written
+    // there, by the thread that writes it). How the two addresses are formed
+    // is what kept each instantiation at its registers without spills
+    // (ptxas -v): one index for both with the rows in registers, dx's
+    // pointer and its offset with the streamed rows (an index there had the
+    // compiler hold its multiples, up to twice the registers).
+    auto dx_of = [&](C xhat, C g, const T* ds) {
+      const C out = rs * (g - mean_g - xhat * mean_gx);
+      return Convert<T>::Narrow(ds != nullptr ? out + static_cast<C>(Convert<T>::Widen(*ds)) : out);
     };
     if constexpr (kVpt > 0) {  // kColumnAll: the rows are in registers
-      ForColumnRows<kVpt>(cu.rows, [&](int j) { write(xh[j], gd[j]); });
+      int64_t at = cu.first;
+      ForColumnRows<kVpt>(cu.rows, [&](int j) {
+        p.dx[at] = dx_of(xh[j], gd[j], p.dsum != nullptr ? p.dsum + at : nullptr);
+        at += step;
+      });
     } else {
-      read_rows(false, write);
+      T* dxp = p.dx + cu.first;
+      read_rows(false, [&](C xhat, C g) {
+        *dxp = dx_of(xhat, g, p.dsum != nullptr ? p.dsum + (dxp - p.dx) : nullptr);
+        dxp += step;
+      });
     }
   }
 }
@@ -1561,6 +1687,47 @@ Result CheckGeometry(const Geometry& g) {
       (g.outer * g.norm > 0 && g.inner > kMax / (g.outer * g.norm)) ||
       (g.outer > 0 && g.inner > kMax / g.outer)) {
     return Invalid("outer * D * inner overflows int64");
+  }
+  return Result();
+}
+
+// Whether [a, a + bytes) and [b, b + bytes) share a byte (null never does).
+bool Overlap(const void* a, const void* b, size_t bytes) {
+  if (a == nullptr || b == nullptr) return false;
+  const uintptr_t pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  return (pa < pb ? pb - pa : pa - pb) < bytes;
+}
+
+// Bytes of `elements` values of `size` bytes, saturated (an overlap check
+// with it is then conservative, never wrong by wrapping).
+size_t SpanBytes(int64_t elements, size_t size) {
+  const size_t n = static_cast<size_t>(elements);
+  return n > std::numeric_limits<size_t>::max() / size ? std::numeric_limits<size_t>::max()
+                                                       : n * size;
+}
+
+// The residual add's arguments (x, y not null: checked before): residual and
+// sum together, and no overlap between sum, x, residual and y but x's with
+// residual (two inputs). y shares no buffer with an input here
+// (LayerNormForwardInPlaceSafe() is false with a residual): the sum is the
+// tensor the binding would forward. Overlaps are checked as byte ranges of the
+// whole tensor.
+template <typename T>
+Result CheckResidual(const ForwardArgs& a, int64_t elements) {
+  if (a.residual != nullptr && a.sum == nullptr) {
+    return Invalid("residual given without sum: the fused add writes x + residual to sum");
+  }
+  if (a.sum != nullptr && a.residual == nullptr) {
+    return Invalid("sum given without residual: sum is written only by the fused residual add");
+  }
+  if (a.residual == nullptr) return Result();
+  const size_t bytes = SpanBytes(elements, sizeof(T));
+  if (Overlap(a.sum, a.x, bytes) || Overlap(a.sum, a.residual, bytes) ||
+      Overlap(a.sum, a.y, bytes)) {
+    return Invalid("sum must not overlap x, residual or y");
+  }
+  if (Overlap(a.y, a.residual, bytes) || Overlap(a.y, a.x, bytes)) {
+    return Invalid("with a residual, y must not overlap x or residual (no in-place forward)");
   }
   return Result();
 }
@@ -1783,8 +1950,13 @@ Result Forward(const ForwardArgs& a, cudaStream_t stream) {
     return LastLaunch();
   }
   if (a.x == nullptr || a.y == nullptr) return Invalid("x and y must not be null");
+  TFLN_RETURN_IF_ERROR(CheckResidual<T>(a, rows * g.norm));
   ForwardParams<T, U> p;
-  p.x = static_cast<const T*>(a.x);
+  p.residual = static_cast<const T*>(a.residual);
+  p.addend = p.residual ? static_cast<const T*>(a.x) : nullptr;
+  p.sum = static_cast<T*>(a.sum);
+  // The kernels normalize sum, which they write first, when there is a residual.
+  p.x = p.residual ? p.sum : static_cast<const T*>(a.x);
   p.gamma = static_cast<const U*>(a.gamma);
   p.beta = static_cast<const U*>(a.beta);
   p.y = static_cast<T*>(a.y);
@@ -1808,7 +1980,8 @@ Result Forward(const ForwardArgs& a, cudaStream_t stream) {
     });
   }
   const bool vec = g.norm % N == 0 && PackAligned<T, N>(p.x) && PackAligned<T, N>(p.y) &&
-                   PackAligned<U, N>(p.gamma) && PackAligned<U, N>(p.beta);
+                   PackAligned<U, N>(p.gamma) && PackAligned<U, N>(p.beta) &&
+                   PackAligned<T, N>(p.addend) && PackAligned<T, N>(p.residual);
   RowsPlan plan;
   constexpr int kVpt = MaxVpt<T, kForwardRowRegs>();
   if (PlanRows(g.norm, N, kVpt, &plan)) {
@@ -1884,7 +2057,8 @@ Result PlanBackward(const BackwardArgs& a, const Device& dev, BackwardPlan* plan
     plan->parts = CeilDiv(rows, plan->slice);
   } else {
     plan->vec = d % N == 0 && PackAligned<T, N>(a.x) && PackAligned<T, N>(a.dy) &&
-                PackAligned<T, N>(a.dx) && PackAligned<U, N>(a.gamma);
+                PackAligned<T, N>(a.dx) && PackAligned<U, N>(a.gamma) &&
+                PackAligned<T, N>(a.dsum);
     if (PlanRows(d, N, MaxVpt<T, kBackwardRowRegs>(), &plan->rows)) {
       plan->path = BackwardPath::kRegisters;
       TFLN_RETURN_IF_ERROR(RegistersGrid<T, U>(plan->rows, dev, rows, &plan->grid));
@@ -1968,6 +2142,7 @@ Result Backward(const BackwardArgs& a, cudaStream_t stream) {
   p.rstd = static_cast<const C*>(a.rstd);
   p.rms = a.rms;
   p.dx = static_cast<T*>(a.dx);
+  p.dsum = static_cast<const T*>(a.dsum);
   p.part_dgamma = part_dgamma;
   p.part_dbeta = part_dbeta;
   p.col_sums = col_sums;
@@ -2073,7 +2248,10 @@ Result LayerNormBackwardWorkspaceBytes(const BackwardArgs& args, size_t* bytes) 
 }
 
 bool LayerNormForwardInPlaceSafe(const ForwardArgs& args) {
-  // Every forward path qualifies (see the header).
+  // Every forward path qualifies (see the header), without a residual add.
+  // With one, y may overlap nothing (CheckResidual): kept out of the
+  // residual path's contract rather than argued for each kernel.
+  if (args.residual != nullptr || args.sum != nullptr) return false;
   return CheckGeometry(args.geometry).ok();
 }
 

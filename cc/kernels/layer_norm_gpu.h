@@ -73,8 +73,10 @@ struct ForwardArgs {
   // Residual add + norm: with `residual` set (x's dtype and shape), the
   // kernels normalize s = x + residual, rounded to x's dtype exactly as an
   // element-wise x + residual rounds there, and write s to `sum` (required
-  // then; it must not overlap x, residual or y). x and residual are each read
-  // once. mean/rstd/y are those of LayerNorm(s).
+  // then, and refused without a residual; it must not overlap x, residual or
+  // y, nor y x or residual: no in-place forward). x and residual are each
+  // read once, s and y written once, in one kernel launch. mean/rstd/y are
+  // those of LayerNorm(s), bitwise what a call on s without a residual gives.
   const void* residual = nullptr;
   void* sum = nullptr;
 };
@@ -94,7 +96,9 @@ struct BackwardArgs {
   void* dbeta = nullptr;   // nullptr: not wanted
   // Residual add + norm backward (x is then the forward's s): dx = the norm's
   // dx + dsum (the gradient reaching s directly), added in the compute type
-  // and rounded once. nullptr: no such term (dsum known to be zero).
+  // and rounded once. nullptr: no such term (dsum known to be zero). Each
+  // element of dsum is read by the thread that writes dx there, right before
+  // it does: LayerNormBackwardInPlaceSafe() (dx with dy) is unchanged by it.
   const void* dsum = nullptr;
   void* workspace = nullptr;  // LayerNormBackwardWorkspaceBytes() bytes, 16-byte aligned
   size_t workspace_bytes = 0;
@@ -117,7 +121,8 @@ Result LayerNormBackward(const BackwardArgs& args, Stream stream);
 // the binding can hand TensorFlow's forwarded input buffer to the kernel.
 // True only for kernel paths where every input element is read before any
 // thread writes the output element at its index, with no later kernel
-// reading the input. The forward's row paths: a row's threads read it (and
+// reading the input. The forward with a residual: never (y overlaps nothing
+// there). The forward's row paths: a row's threads read it (and
 // its first element, the mean's shift) before the reductions that precede
 // every write; the streaming path re-reads only elements the reading thread
 // itself writes, later. The forward's column path: see the kernel. The

@@ -179,15 +179,15 @@ class Kernels:
         msg = ctypes.POINTER(ctypes.c_char_p)
         # (x_type, param_type, outer, D, inner, rms, ...) as in harness_capi.cc
         self.lib.tfln_forward.argtypes = [i32, i32, i64, i64, i64, i32, p, p, p,
-                                          ctypes.c_double, p, p, p, p, msg]
+                                          ctypes.c_double, p, p, p, p, p, p, msg]
         self.lib.tfln_backward_workspace.argtypes = [i32, i32, i64, i64, i64, i32, p, p, p,
                                                      ctypes.POINTER(ctypes.c_size_t), msg]
         self.lib.tfln_backward.argtypes = [i32, i32, i64, i64, i64, i32, p, p, p, p, p, p, p,
-                                           p, p, ctypes.c_size_t, p, msg]
+                                           p, p, p, ctypes.c_size_t, p, msg]
         for f in (self.lib.tfln_forward, self.lib.tfln_backward_workspace, self.lib.tfln_backward):
             f.restype = i32
         for f in (self.lib.tfln_forward_in_place_safe, self.lib.tfln_backward_in_place_safe):
-            f.argtypes = [i32, i32, i64, i64, i64, i32]
+            f.argtypes = [i32, i32, i64, i64, i64, i32, i32]
             f.restype = i32
         if emulated:
             self.lib.tfln_emu_configure.argtypes = [i32, ctypes.c_ulonglong, i32, i32]
@@ -227,20 +227,23 @@ class Kernels:
     def _ptr(t):
         return None if t is None else ctypes.c_void_p(t.data_ptr())
 
-    def raw_forward(self, x_type, param_type, geometry, x, gamma, beta, eps, y, mean, rstd):
+    def raw_forward(self, x_type, param_type, geometry, x, gamma, beta, eps, y, mean, rstd,
+                    residual=None, sum=None):
         """Pointers as given (ints or tensors), for argument-validation tests."""
         message = ctypes.c_char_p()
         status = self.lib.tfln_forward(
             x_type, param_type, *geometry, 0, *(self._as_ptr(v) for v in (x, gamma, beta)), eps,
-            *(self._as_ptr(v) for v in (y, mean, rstd)), self._stream(), ctypes.byref(message))
+            *(self._as_ptr(v) for v in (y, mean, rstd, residual, sum)), self._stream(),
+            ctypes.byref(message))
         return status, (message.value or b"").decode()
 
     def raw_backward(self, x_type, param_type, geometry, rms, dy, x, gamma, mean, rstd, dx,
-                     dgamma, dbeta, workspace, workspace_bytes):
+                     dgamma, dbeta, workspace, workspace_bytes, dsum=None):
         message = ctypes.c_char_p()
         status = self.lib.tfln_backward(
             x_type, param_type, *geometry, int(rms),
-            *(self._as_ptr(v) for v in (dy, x, gamma, mean, rstd, dx, dgamma, dbeta, workspace)),
+            *(self._as_ptr(v) for v in (dy, x, gamma, mean, rstd, dx, dgamma, dbeta, dsum,
+                                        workspace)),
             workspace_bytes, self._stream(), ctypes.byref(message))
         return status, (message.value or b"").decode()
 
@@ -249,10 +252,16 @@ class Kernels:
             return None if v is None else ctypes.c_void_p(v)
         return self._ptr(v)
 
-    def forward(self, x, gamma, beta, eps, geometry, y=None, rms=False, mean=None, rstd=None):
+    def forward(self, x, gamma, beta, eps, geometry, y=None, rms=False, mean=None, rstd=None,
+                residual=None, sum=None):
         """geometry = (outer, D, inner) of x (contiguous); returns y, mean, rstd
-        (mean is None for rms: RMSNorm writes no mean)."""
+        (mean is None for rms: RMSNorm writes no mean). With `residual` (x's
+        dtype and shape), the fused residual add: normalizes s = x + residual,
+        written to `sum` (allocated, NaN-poisoned, when not given), and returns
+        y, mean, rstd, sum."""
         outer, d, inner = geometry
+        if residual is not None and sum is None:
+            sum = torch.full_like(x, float("nan")) if self.poison else torch.empty_like(x)
         stats = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = torch.empty_like(x) if y is None else y
         if mean is None and not rms:
@@ -265,13 +274,16 @@ class Kernels:
         status = self.lib.tfln_forward(
             DTYPES[x.dtype], param_type, outer, d, inner, int(rms), self._ptr(x), self._ptr(gamma),
             self._ptr(beta), eps, self._ptr(y), self._ptr(mean), self._ptr(rstd),
-            self._stream(), ctypes.byref(message))
+            self._ptr(residual), self._ptr(sum), self._stream(), ctypes.byref(message))
         self._check(status, message)
+        if residual is not None:
+            return y, mean, rstd, sum
         return y, mean, rstd
 
-    def in_place_safe(self, x_dtype, param_dtype, geometry, rms=False):
-        """(forward y == x allowed, backward dx == dy allowed) for these arguments."""
-        args = (DTYPES[x_dtype], DTYPES[param_dtype], *geometry, int(rms))
+    def in_place_safe(self, x_dtype, param_dtype, geometry, rms=False, residual=False):
+        """(forward y == x allowed, backward dx == dy allowed) for these arguments;
+        `residual`: with the residual add (forward) and a dsum term (backward)."""
+        args = (DTYPES[x_dtype], DTYPES[param_dtype], *geometry, int(rms), int(residual))
         return (bool(self.lib.tfln_forward_in_place_safe(*args)),
                 bool(self.lib.tfln_backward_in_place_safe(*args)))
 
@@ -289,10 +301,11 @@ class Kernels:
         return n.value
 
     def backward(self, dy, x, gamma, mean, rstd, geometry, want_dbeta=True, param_dtype=None,
-                 dx=None, rms=False, want_dgamma=None):
+                 dx=None, rms=False, want_dgamma=None, dsum=None):
         """Returns dx, dgamma (None unless wanted; wanted by default when gamma
         is given), dbeta (None unless wanted). The workspace starts as NaN bytes:
-        a partial nobody wrote shows in dgamma/dbeta."""
+        a partial nobody wrote shows in dgamma/dbeta. `dsum` (x's dtype and
+        shape): the residual add's term, added to dx."""
         outer, d, inner = geometry
         want_dgamma = gamma is not None if want_dgamma is None else want_dgamma
         param_dtype = gamma.dtype if gamma is not None else (param_dtype or x.dtype)
@@ -311,6 +324,7 @@ class Kernels:
             DTYPES[x.dtype], DTYPES[param_dtype], outer, d, inner, int(rms), self._ptr(dy),
             self._ptr(x),
             self._ptr(gamma), self._ptr(mean), self._ptr(rstd), self._ptr(dx), self._ptr(dgamma),
-            self._ptr(dbeta), self._ptr(ws), nbytes, self._stream(), ctypes.byref(message))
+            self._ptr(dbeta), self._ptr(dsum), self._ptr(ws), nbytes, self._stream(),
+            ctypes.byref(message))
         self._check(status, message)
         return dx, dgamma, dbeta

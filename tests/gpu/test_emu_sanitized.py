@@ -64,6 +64,12 @@ GRID_SUBSET = [
 # backward; streaming forward; float64 (2 per vector) streaming.
 EXTRA_TAILS = [("float32", 3, 4097), ("float16", 2, 8195), ("bfloat16", 2, 16391),
                ("float64", 2, 8193)]
+# The residual add + norm (FUSED_EMU_CASES): its pre-pass loads and stores on
+# the register (tails, misaligned: element-wise), streaming (misaligned) and
+# column paths, and its dsum loads in every backward.
+FUSED_SUBSET = ["float32-9x127x1-add", "float16-19x1000x1-add-misaligned",
+                "float32-2x20000x1-add-misaligned", "bfloat16-4x5x77-add-rms-p32-nocenter",
+                "float64-2x200x40-add", "float32-1x4096x33-add"]
 # Again on a 1-SM device with one resident block: persistent loops take every row.
 ONE_BLOCK_SUBSET = ["float32-37x127x1", "float32-3x8200x1", "float32-1x5x1000",
                     "float16-5x768x1-misaligned_params"]
@@ -173,12 +179,14 @@ def _grid(harness_lib, selftest_lib):
             status, fault = st.call(name, *args(np.zeros(64, np.float32)))
             assert status == selftest.LAUNCH_FAILURE and fault, (name, status, fault)
 
-    by_id = {grid.case_id(c): c for c in grid.EMU_CASES}
-    missing = [i for i in GRID_SUBSET + ONE_BLOCK_SUBSET if i not in by_id]
-    assert not missing, "cases no longer in EMU_CASES (update the subset): %s" % missing
+    by_id = {grid.case_id(c): c for c in grid.EMU_CASES + grid.FUSED_EMU_CASES}
+    missing = [i for i in GRID_SUBSET + FUSED_SUBSET + ONE_BLOCK_SUBSET if i not in by_id]
+    assert not missing, "cases no longer in the grids (update the subset): %s" % missing
     base = dict(inner=1, param="same", scale=True, center=True, misaligned=False, nan=False)
-    runs = [(by_id[i], False) for i in GRID_SUBSET]
+    runs = [(by_id[i], False) for i in GRID_SUBSET + FUSED_SUBSET]
     runs += [(dict(base, dtype=dt, outer=rows, d=d), False) for dt, rows, d in EXTRA_TAILS]
+    # A tail on the fused streaming path (odd D: pre-pass and dsum tails).
+    runs += [(dict(base, dtype="bfloat16", outer=2, d=16391, residual=True), False)]
     runs += [(by_id[i], True) for i in ONE_BLOCK_SUBSET]
 
     k = harness.Kernels(path=harness_lib, emulated=True)

@@ -183,17 +183,81 @@ def _special_grid():
     return cases
 
 
+def _fused_grid(big=False):
+    """Residual add + norm (forward residual/sum, backward dsum; run_fused_case)
+    on every kernel path, for the four dtypes, LayerNorm and RMSNorm: float32
+    takes both norms on every shape, float16 (parameters of its dtype),
+    bfloat16 (float32 parameters) and float64 alternate them. Paths (see
+    _emu_grid for the row limits; columns: the plan on a 132-SM device):
+      37x64: rows of sub-warp groups (float64: a warp)
+      9x127: D not a multiple of the vector width: element-wise loads, tails
+      19x1000: a warp per row
+      5x4096: a CTA per row in registers, both ways
+      3x8200: forward a CTA per row in registers (float64: streaming),
+              backward streaming
+      2x20000: streaming both ways
+      4x5x77: columns, 4 rows per thread in registers, a partial last tile
+      2x200x40: columns, 16 rows per thread in registers
+      1x4096x33: columns, the forward's rows streamed from memory (kVpt 0),
+                 the backward's D split across CTAs (sums, then dx)
+    Then misaligned tensors (element-wise pre-pass), no scale/offset, and
+    rows/columns whose float statistics are recomputed in double (x 1e30:
+    the recomputation re-reads the sum). big: the GPU grid's larger shapes."""
+    base = dict(inner=1, param="same", scale=True, center=True, misaligned=False, nan=False,
+                residual=True)
+    shapes = [(37, 64, 1), (9, 127, 1), (19, 1000, 1), (5, 4096, 1), (3, 8200, 1),
+              (2, 20000, 1), (4, 5, 77), (2, 200, 40), (1, 4096, 33)]
+    if big:
+        shapes += [(4096, 768, 1), (257, 4096, 1), (33, 16384, 1), (7, 65536, 1),
+                   (32, 64, 3136), (4, 4096, 33)]
+    cases = []
+    for dt, param, phase in [("float32", "same", None), ("float16", "same", 0),
+                             ("bfloat16", "float32", 1), ("float64", "same", 1)]:
+        for i, (outer, d, inner) in enumerate(shapes):
+            norms = [False, True] if phase is None else [(i + phase) % 2 == 1]
+            for rms in norms:
+                cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt, param=param,
+                                  center=not rms, rms=rms))
+    for dt, (outer, d, inner) in [("float16", (19, 1000, 1)), ("float32", (2, 20000, 1)),
+                                  ("bfloat16", (5, 4096, 1))]:
+        cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt, misaligned=True))
+    cases.append(dict(base, outer=5, d=1024, dtype="float32", scale=False, center=False))
+    for dt, (outer, d, inner), rms in [("float32", (9, 64, 1), False),
+                                       ("float32", (2, 20000, 1), True),
+                                       ("bfloat16", (9, 1024, 1), False),
+                                       ("float32", (4, 100, 9), False)]:
+        cases.append(dict(base, outer=outer, d=d, inner=inner, dtype=dt, center=not rms,
+                          rms=rms, x_scale=1e30))
+    return cases
+
+
+FUSED_EMU_CASES = _fused_grid()
+# On the 1-SM device with one resident block: other column plans (no CTA
+# growth along D, two chunks in the split backward), every row through the
+# persistent loops.
+FUSED_ONE_BLOCK_CASES = [c for c in FUSED_EMU_CASES
+                         if c["dtype"] == "float32" and not c.get("rms") and not c.get("x_scale") and
+                         not c["misaligned"] and c["scale"] and
+                         (c["inner"] > 1 or c["d"] in (64, 20000))]
 EMU_CASES = _emu_grid() + _special_grid()
 # compute-sanitizer (memcheck, racecheck, synccheck) runs are slow: a subset of
 # small cases that still takes every path, dtype and edge once.
 SANITIZER_CASES = [c for c in EMU_CASES
                    if c["outer"] * c["d"] * c["inner"] <= 45000 and
                    (c["dtype"] == "float32" or (c["dtype"] == "bfloat16" and c["d"] in (3, 8200)))]
+# The residual add's pre-pass (racecheck: each thread reads back only the sum
+# it wrote) and dsum loads: float32 LayerNorm on each path but the split
+# backward (RMSNorm only skips the mean's shift).
+SANITIZER_CASES += [c for c in FUSED_EMU_CASES
+                    if c["outer"] * c["d"] * c["inner"] <= 45000 and c["dtype"] == "float32" and
+                    not c.get("x_scale") and not c.get("rms")]
 CASES += _special_grid()
+FUSED_CASES = _fused_grid(big=True)
 
 
 def case_id(c):
     extra = "".join([
+        "-add" if c.get("residual") else "",
         "-rms" if c.get("rms") else "",
         "-beta" if c.get("rms_beta") else "",
         "-x%g" % c["x_scale"] if c.get("x_scale") else "",
@@ -290,10 +354,94 @@ def _device_copy(src64, dtype, misaligned, dev):
     return t
 
 
+class _Oracle:
+    """float64 LayerNorm / RMSNorm of the (rounded) tensors given, D moved last
+    (on the device of the tensors: the GPU grid's largest cases hold 2^26
+    elements): y, the gradients, the statistics, and the tolerances."""
+
+
+def _oracle(c, x, dy, gamma, beta, eps):
+    outer, d, inner = c["outer"], c["d"], c["inner"]
+    rms = c.get("rms", False)
+    dt = getattr(torch, c["dtype"])
+    pdt = torch.float32 if c["param"] == "float32" else dt
+    o = _Oracle()
+
+    def to_rows(t):
+        return t.double().view(outer, d, inner).transpose(1, 2).reshape(-1, d)
+
+    o.to_rows = to_rows
+    x64r = to_rows(x).requires_grad_(True)
+    g64 = gamma.double().requires_grad_(True) if gamma is not None else None
+    b64 = beta.double().requires_grad_(True) if beta is not None else None
+    if rms:
+        # RMSNorm written out (F.rms_norm's own definition), all in float64.
+        y64 = x64r * torch.rsqrt(x64r.square().mean(dim=1, keepdim=True) + eps)
+        if g64 is not None:
+            y64 = y64 * g64
+        if b64 is not None:
+            y64 = y64 + b64
+    else:
+        y64 = torch.nn.functional.layer_norm(x64r, (d,), g64, b64, eps)
+    y64.backward(to_rows(dy))
+    xd = x64r.detach()
+    o.y = y64.detach()
+    o.dx = x64r.grad
+    o.dgamma = g64.grad if g64 is not None else None
+    o.dbeta = b64.grad if b64 is not None else None
+    o.mean = xd.mean(dim=1)
+    var64 = xd.square().mean(dim=1) if rms else (xd - o.mean[:, None]).square().mean(dim=1)
+    o.rstd = 1.0 / torch.sqrt(var64 + eps)
+
+    o.tol_x, o.tol_p = TOL[c["dtype"]], TOL[str(pdt).replace("torch.", "")]
+    o.tol_s = TOL["float64"] if dt == torch.float64 else 1e-5
+    if c.get("pattern") == "offset1e4":
+        # y = (x - mean) * rstd with a float32 mean: its rounding (half an ulp
+        # of 1e4) times rstd bounds every float32 kernel's y (the CPU's and
+        # PyTorch's too), i.e. 2^-24 times max|x| / std. The statistics
+        # themselves are held to tol_s: rstd is what the mean's shift decides.
+        cond = 8 * 2.0 ** -24 * (xd.abs().max() * o.rstd.max()).item()
+        o.tol_x, o.tol_p = o.tol_x + cond, o.tol_p + cond
+    return o
+
+
+def _errors(c, o, y, mean, rstd, dgamma, dbeta):
+    """Scaled errors of the forward outputs and dgamma/dbeta against the oracle."""
+    errs = {}
+    if not c.get("rms", False):
+        errs["mean"] = _rel_err(mean, o.mean, o.tol_s)
+    # rstd relative to the reference (where finite and non-zero), exact elsewhere.
+    rc = rstd.double()
+    rstd64 = o.rstd
+    rel = torch.where(torch.isfinite(rstd64) & (rstd64 != 0), rc / rstd64, rc)
+    errs["rstd"] = _rel_err(rel, torch.where(torch.isfinite(rstd64) & (rstd64 != 0),
+                                             torch.ones_like(rstd64), rstd64), o.tol_s)
+    errs["y"] = _rel_err(o.to_rows(y), o.y, o.tol_x)
+    # Sums over the rows: |ref| grows like sqrt(rows), and so does the
+    # tolerance through the (1 + |ref|) factor.
+    if o.dgamma is not None:
+        assert dgamma is not None
+        errs["dgamma"] = _rel_err(dgamma, o.dgamma, o.tol_p)
+    if o.dbeta is not None:
+        errs["dbeta"] = _rel_err(dbeta, o.dbeta, o.tol_p)
+    return errs
+
+
+def _assert_within(c, errs):
+    bad = {key: v for key, v in errs.items() if not v <= 1.0}
+    assert not bad, "%s: scaled errors above 1: %s" % (case_id(c), bad)
+
+
+def _bits(t):
+    return t.detach().contiguous().cpu().view(torch.uint8) if t.numel() else t.cpu()
+
+
 def run_case(c, k=None, check_determinism=True, schedules=("reversed", "random")):
     """Returns a dict of max scaled errors; raises AssertionError on failure.
     k: harness.Kernels (default: the GPU build). Determinism: on a GPU two runs
     give the same bits; on the emulator so do the other schedules."""
+    if c.get("residual"):
+        return run_fused_case(c, k, check_determinism, schedules)
     k = k or kernels("gpu")
     dev = k.device
     dt = getattr(torch, c["dtype"])
@@ -334,57 +482,10 @@ def run_case(c, k=None, check_determinism=True, schedules=("reversed", "random")
         assert y.numel() == 0 and dx.numel() == 0
         return {}
 
-    # float64 oracle on the same rounded inputs, D moved last (on the device
-    # of the tensors: the GPU grid's largest cases hold 2^26 elements).
-    def to_rows(t):
-        return t.double().view(outer, d, inner).transpose(1, 2).reshape(-1, d)
-
-    x64r = to_rows(x).requires_grad_(True)
-    g64 = gamma.double().requires_grad_(True) if gamma is not None else None
-    b64 = beta.double().requires_grad_(True) if beta is not None else None
-    if rms:
-        # RMSNorm written out (F.rms_norm's own definition), all in float64.
-        y64 = x64r * torch.rsqrt(x64r.square().mean(dim=1, keepdim=True) + eps)
-        if g64 is not None:
-            y64 = y64 * g64
-        if b64 is not None:
-            y64 = y64 + b64
-    else:
-        y64 = torch.nn.functional.layer_norm(x64r, (d,), g64, b64, eps)
-    y64.backward(to_rows(dy))
-    xd = x64r.detach()
-    mean64 = xd.mean(dim=1)
-    var64 = xd.square().mean(dim=1) if rms else (xd - mean64[:, None]).square().mean(dim=1)
-    rstd64 = 1.0 / torch.sqrt(var64 + eps)
-
-    tol_x, tol_p = TOL[c["dtype"]], TOL[str(pdt).replace("torch.", "")]
-    tol_s = TOL["float64"] if dt == torch.float64 else 1e-5
-    if c.get("pattern") == "offset1e4":
-        # y = (x - mean) * rstd with a float32 mean: its rounding (half an ulp
-        # of 1e4) times rstd bounds every float32 kernel's y (the CPU's and
-        # PyTorch's too), i.e. 2^-24 times max|x| / std. The statistics
-        # themselves are held to tol_s: rstd is what the mean's shift decides.
-        cond = 8 * 2.0 ** -24 * (xd.abs().max() * rstd64.max()).item()
-        tol_x, tol_p = tol_x + cond, tol_p + cond
-    errs = {}
-    if not rms:
-        errs["mean"] = _rel_err(mean, mean64, tol_s)
-    # rstd relative to the reference (where finite and non-zero), exact elsewhere.
-    rc = rstd.double()
-    rel = torch.where(torch.isfinite(rstd64) & (rstd64 != 0), rc / rstd64, rc)
-    errs["rstd"] = _rel_err(rel, torch.where(torch.isfinite(rstd64) & (rstd64 != 0),
-                                             torch.ones_like(rstd64), rstd64), tol_s)
-    errs["y"] = _rel_err(to_rows(y), y64.detach(), tol_x)
-    errs["dx"] = _rel_err(to_rows(dx), x64r.grad, 4 * tol_x)
-    # Sums over the rows: |ref| grows like sqrt(rows), and so does the
-    # tolerance through the (1 + |ref|) factor.
-    if gamma is not None:
-        assert dgamma is not None
-        errs["dgamma"] = _rel_err(dgamma, g64.grad, tol_p)
-    if b64 is not None:
-        errs["dbeta"] = _rel_err(dbeta, b64.grad, tol_p)
-    bad = {key: v for key, v in errs.items() if not v <= 1.0}
-    assert not bad, "%s: scaled errors above 1: %s" % (case_id(c), bad)
+    o = _oracle(c, x, dy, gamma, beta, eps)
+    errs = _errors(c, o, y, mean, rstd, dgamma, dbeta)
+    errs["dx"] = _rel_err(o.to_rows(dx), o.dx, 4 * o.tol_x)
+    _assert_within(c, errs)
 
     # In place where the launch API allows it: y into x's buffer, dx into
     # dy's, bitwise the out-of-place results (under the random schedule on
@@ -434,6 +535,99 @@ def run_case(c, k=None, check_determinism=True, schedules=("reversed", "random")
     return errs
 
 
+def _residual_inputs(c, n):
+    """The residual and dsum of a fused case, drawn on the CPU."""
+    g = torch.Generator(device="cpu").manual_seed(4321 + c["d"] + 7 * c["outer"] + c["inner"])
+    r64 = (torch.randn(n, generator=g, dtype=torch.float64) - 0.25) * c.get("x_scale", 1.0)
+    ds64 = torch.randn(n, generator=g, dtype=torch.float64)
+    return r64, ds64
+
+
+def run_fused_case(c, k=None, check_determinism=True, schedules=("reversed", "random")):
+    """The residual add + norm (c["residual"]): forward with residual and sum,
+    backward with dsum. sum must be bitwise PyTorch's x + r in the input dtype
+    (on the CPU, where half/bfloat16 adds round correctly); y, mean, rstd
+    bitwise what the plain forward gives on that sum (the fused path reads it
+    back, and the mean's shift is the same rounded value); dgamma/dbeta
+    bitwise the plain backward's (dsum does not reach them); y and the
+    statistics against the float64 oracle of LayerNorm(sum), dx against the
+    oracle's dx + dsum, and the plain backward's dx (dsum None) against the
+    oracle's dx alone. In place is never allowed with a residual."""
+    k = k or kernels("gpu")
+    dev = k.device
+    dt = getattr(torch, c["dtype"])
+    pdt = torch.float32 if c["param"] == "float32" else dt
+    outer, d, inner = c["outer"], c["d"], c["inner"]
+    geometry = (outer, d, inner)
+    n = outer * d * inner
+    rms = c.get("rms", False)
+    eps = c.get("eps", 1e-5)
+    mis = c["misaligned"]
+    x64, dy64, gamma64, beta64 = _inputs(c, dev, n, dt)
+    r64, ds64 = _residual_inputs(c, n)
+    x, r, dy, ds = (_device_copy(t.to(dev), dt, mis, dev) for t in (x64, r64, dy64, ds64))
+    gamma = _device_copy(gamma64.to(dev), pdt, False, dev) if c["scale"] else None
+    with_beta = c["center"] and not rms
+    beta = _device_copy(beta64.to(dev), pdt, False, dev) if with_beta else None
+
+    def run():
+        s = _empty(n, dt, mis, dev)
+        y, mean, rstd, s = k.forward(
+            x, gamma, beta, eps, geometry, y=_empty(n, dt, mis, dev), rms=rms,
+            mean=None if rms else _empty(outer * inner, _stats(dt), False, dev),
+            rstd=_empty(outer * inner, _stats(dt), False, dev), residual=r, sum=s)
+        dx, dgamma, dbeta = k.backward(dy, s, gamma, mean, rstd, geometry, want_dbeta=with_beta,
+                                       param_dtype=pdt, dx=_empty(n, dt, mis, dev), rms=rms,
+                                       dsum=ds)
+        k.synchronize()
+        return dict(sum=s, y=y, mean=mean, rstd=rstd, dx=dx, dgamma=dgamma, dbeta=dbeta)
+
+    out = run()
+    s = out["sum"]
+    assert torch.equal(_bits(s), _bits(x.cpu() + r.cpu())), \
+        "%s: sum is not x + residual rounded to %s" % (case_id(c), c["dtype"])
+
+    y0, mean0, rstd0 = k.forward(s, gamma, beta, eps, geometry, rms=rms)
+    dx0, dgamma0, dbeta0 = k.backward(dy, s, gamma, mean0, rstd0, geometry,
+                                      want_dbeta=with_beta, param_dtype=pdt, rms=rms)
+    k.synchronize()
+    for name, a, b in [("y", out["y"], y0), ("mean", out["mean"], mean0),
+                       ("rstd", out["rstd"], rstd0), ("dgamma", out["dgamma"], dgamma0),
+                       ("dbeta", out["dbeta"], dbeta0)]:
+        if a is not None:
+            assert torch.equal(_bits(a), _bits(b)), \
+                "%s: %s differs from the plain call's on the sum" % (case_id(c), name)
+
+    o = _oracle(c, s, dy, gamma, beta, eps)
+    errs = _errors(c, o, out["y"], out["mean"], out["rstd"], out["dgamma"], out["dbeta"])
+    errs["dx"] = _rel_err(o.to_rows(out["dx"]), o.dx + o.to_rows(ds), 4 * o.tol_x)
+    errs["dx_without_dsum"] = _rel_err(o.to_rows(dx0), o.dx, 4 * o.tol_x)
+    _assert_within(c, errs)
+
+    fwd_safe, bwd_safe = k.in_place_safe(dt, pdt, geometry, rms, residual=True)
+    assert not fwd_safe, "%s: y in x's buffer allowed with a residual" % case_id(c)
+    assert bwd_safe == k.in_place_safe(dt, pdt, geometry, rms)[1], \
+        "%s: dsum changed the backward's in-place rule" % case_id(c)
+
+    if check_determinism:
+        reruns = [None] if not k.emulated else list(schedules)
+        for schedule in reruns:
+            if schedule is not None:
+                k.configure(schedule=schedule, seed=len(case_id(c)))
+            try:
+                again = run()
+            finally:
+                if schedule is not None:
+                    k.configure()
+            for name, a in out.items():
+                if a is not None:
+                    assert torch.equal(_bits(a), _bits(again[name])), \
+                        "%s: %s differs between two runs%s" % (
+                            case_id(c), name, "" if schedule is None else
+                            " (in-order vs %s schedule)" % schedule)
+    return errs
+
+
 def _stats(dt):
     return torch.float64 if dt == torch.float64 else torch.float32
 
@@ -461,6 +655,36 @@ def check_invalid_arguments(k=None):
         status, message = k.raw_forward(*args)
         assert status == 1, "%s: expected invalid argument, got %d (%s)" % (name, status, message)
         assert message, name
+    # The residual add: residual and sum together, sum overlapping nothing, y
+    # overlapping neither input (no in-place forward with a residual).
+    r = torch.randn(4, 8, device=dev)
+    s = torch.empty_like(x)
+    big = torch.empty(64, device=dev)
+    shifted = big[1:33], big[9:41]  # 32 floats each, overlapping by 24
+    fwd = (f32, f32, (4, 8, 1), x, None, None, 1e-5)
+    residual_cases = {
+        "residual without sum": (fwd + (y, st, st), dict(residual=r)),
+        "sum without residual": (fwd + (y, st, st), dict(sum=s)),
+        "sum is x": (fwd + (y, st, st), dict(residual=r, sum=x)),
+        "sum is residual": (fwd + (y, st, st), dict(residual=r, sum=r)),
+        "sum is y": (fwd + (y, st, st), dict(residual=r, sum=y)),
+        "y is residual": (fwd + (r, st, st), dict(residual=r, sum=s)),
+        "y is x with a residual": (fwd + (x, st, st), dict(residual=r, sum=s)),
+        "sum partly overlaps y": ((f32, f32, (4, 8, 1), x, None, None, 1e-5, shifted[0], st, st),
+                                  dict(residual=r, sum=shifted[1])),
+    }
+    for name, (args, kwargs) in residual_cases.items():
+        status, message = k.raw_forward(*args, **kwargs)
+        assert status == 1, "%s: expected invalid argument, got %d (%s)" % (name, status, message)
+        assert "sum" in message or "residual" in message, (name, message)
+    # Valid: x and residual may be one tensor (both are read only).
+    status, message = k.raw_forward(*fwd, y, st, st, residual=x, sum=s)
+    assert status == 0, "residual == x must be accepted: %s" % message
+    k.synchronize()
+    assert torch.equal(s, x + x)
+    assert k.in_place_safe(torch.float32, torch.float32, (4, 8, 1)) == (True, True)
+    assert k.in_place_safe(torch.float32, torch.float32, (4, 8, 1), residual=True) == \
+        (False, True), "in place: never y with a residual; dx with dy as without dsum"
     # Backward: dgamma without gamma, and a missing workspace.
     try:
         dgamma = torch.empty(8, device=dev)
@@ -568,6 +792,24 @@ if pytest is not None and (os.environ.get("PYTEST_VERSION") or _UNDER_PYTEST):
     def test_emu_invalid_arguments():
         check_invalid_arguments(_backend("emu"))
 
+    # Residual add + norm (run_fused_case), on both backends.
+    @pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
+    def test_gpu_fused_case(case):
+        run_case(case, _backend("gpu"))
+
+    @pytest.mark.parametrize("case", FUSED_EMU_CASES, ids=case_id)
+    def test_emu_fused_case(case):
+        run_case(case, _backend("emu"))
+
+    @pytest.mark.parametrize("case", FUSED_ONE_BLOCK_CASES, ids=case_id)
+    def test_emu_fused_case_one_block_device(case):
+        k = _backend("emu")
+        k.configure(sms=1, one_block=True)
+        try:
+            run_case(case, k, check_determinism=False)
+        finally:
+            k.configure()
+
     def test_gpu_contract():
         check_contract(_backend("gpu"))
 
@@ -582,7 +824,7 @@ if pytest is not None and (os.environ.get("PYTEST_VERSION") or _UNDER_PYTEST):
 
 
 def main(argv):
-    """[--backend gpu|emu] [--cases all|emu|sanitizer] [-k substring] [--json out.json]"""
+    """[--backend gpu|emu] [--cases all|emu|fused|sanitizer] [-k substring] [--json out.json]"""
     out = None
     if "--json" in argv:
         out = argv[argv.index("--json") + 1]
@@ -593,8 +835,9 @@ def main(argv):
         return 0
     k = kernels(backend)
     which = argv[argv.index("--cases") + 1] if "--cases" in argv else "all"
-    cases = {"all": CASES if backend == "gpu" else EMU_CASES, "emu": EMU_CASES,
-             "sanitizer": SANITIZER_CASES}[which]
+    cases = {"all": CASES + FUSED_CASES if backend == "gpu" else EMU_CASES + FUSED_EMU_CASES,
+             "emu": EMU_CASES + FUSED_EMU_CASES, "fused": FUSED_CASES if backend == "gpu"
+             else FUSED_EMU_CASES, "sanitizer": SANITIZER_CASES}[which]
     if "-k" in argv:
         pattern = argv[argv.index("-k") + 1]
         cases = [c for c in cases if pattern in case_id(c)]
