@@ -552,7 +552,8 @@ def run_fused_case(c, k=None, check_determinism=True, schedules=("reversed", "ra
     bitwise the plain backward's (dsum does not reach them); y and the
     statistics against the float64 oracle of LayerNorm(sum), dx against the
     oracle's dx + dsum, and the plain backward's dx (dsum None) against the
-    oracle's dx alone. In place is never allowed with a residual."""
+    oracle's dx alone. The forward is never in place with a residual; the
+    backward's dx into dy's buffer where allowed, with dsum, gives the same bits."""
     k = k or kernels("gpu")
     dev = k.device
     dt = getattr(torch, c["dtype"])
@@ -608,6 +609,22 @@ def run_fused_case(c, k=None, check_determinism=True, schedules=("reversed", "ra
     assert not fwd_safe, "%s: y in x's buffer allowed with a residual" % case_id(c)
     assert bwd_safe == k.in_place_safe(dt, pdt, geometry, rms)[1], \
         "%s: dsum changed the backward's in-place rule" % case_id(c)
+    if bwd_safe:
+        # dx into dy's buffer with dsum: the same bits (randomly scheduled on
+        # the emulator, where a read after another thread's write shows).
+        if k.emulated:
+            k.configure(schedule="random", seed=11)
+        try:
+            dyi = _device_copy(dy.double(), dt, mis, dev)
+            dxi, _, _ = k.backward(dyi, s, gamma, out["mean"], out["rstd"], geometry,
+                                   want_dbeta=with_beta, param_dtype=pdt, dx=dyi, rms=rms,
+                                   dsum=ds)
+            k.synchronize()
+        finally:
+            if k.emulated:
+                k.configure()
+        assert torch.equal(_bits(dxi), _bits(out["dx"])), \
+            "%s: dx with dsum in dy's buffer differs" % case_id(c)
 
     if check_determinism:
         reruns = [None] if not k.emulated else list(schedules)
