@@ -173,17 +173,18 @@ def test_prebuilt_harness_is_used_only_while_it_matches(info, harness_lib, tmp_p
     assert harness.prebuilt() == (None, None)
 
 
-# Register spills the builds still have: 8-12 bytes, in column-kernel
-# instantiations that need just over 64 registers at 512-thread CTAs (a launch
-# bound can only choose 64 or 128 there). Per compiler: (arch, substring of
-# the mangled kernel name). Anything else that spills, more bytes, or any loop
-# clang did not unroll, fails.
+# Register spills the builds still have. The shipped build (clang) has none
+# since the residual-add change (its two 12-byte column-backward spills went
+# with the reshaped dx stores): any spill there fails. nvcc 13 (configure.py
+# --cuda=nvcc, opt-in, not built in CI) had 8 bytes in the four 16-bit
+# ForwardColumnsKernel<..., 16> on sm_90 before that change; the residual add
+# was measured there to add 28-44 bytes in the 16-bit ForwardStreamingKernel
+# on sm_75/80 and 8-12 bytes in two float64 column kernels, which this test
+# (rightly) reports until they are fixed. Per compiler: (arch, substring of
+# the mangled kernel name). Anything else that spills, more bytes, or any
+# loop clang did not unroll, fails.
 KNOWN_SPILLS = {
-    "clang": {
-        ("sm_75", "BackwardColumnsKernelI13__nv_bfloat16S3_Li16E"),
-        ("sm_90", "BackwardColumnsKernelIddLi4E"),
-    },
-    # nvcc 13 (configure.py --cuda=nvcc), sm_90: the four 16-bit pairs.
+    "clang": set(),
     "nvcc": {("sm_90", "ForwardColumnsKernelI6__halfS3_Li16E"),
              ("sm_90", "ForwardColumnsKernelI6__halffLi16E"),
              ("sm_90", "ForwardColumnsKernelI13__nv_bfloat16S3_Li16E"),
