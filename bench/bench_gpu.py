@@ -101,6 +101,48 @@ def bench_shape(k, m, d, dtype, iters, reps):
     return res
 
 
+def bench_add(k, m, d, dtype, iters, reps):
+    """The fused residual add + LayerNorm (one launch: s = x + r, y = LN(s);
+    backward dx = LN's dx + ds) against the add and the norm as two launches,
+    ours and PyTorch's."""
+    x = torch.randn(m, d, dtype=dtype, device="cuda")
+    r = torch.randn_like(x)
+    dy, ds = torch.randn_like(x), torch.randn_like(x)
+    w = torch.randn(d, dtype=dtype, device="cuda")
+    b = torch.randn(d, dtype=dtype, device="cuda")
+    geom = (m, d, 1)
+    y, s = torch.empty_like(x), torch.empty_like(x)
+    _, mean, rstd, _ = k.forward(x, w, b, EPS, geom, residual=r, sum=s)
+    _, t_mean, t_rstd = torch.ops.aten.native_layer_norm(s, [d], w, b, EPS)
+    mask = [True, True, True]
+
+    def two_fwd():
+        torch.add(x, r, out=s)
+        k.forward(s, w, b, EPS, geom, y=y)
+
+    def two_bwd():
+        dx = k.backward(dy, s, w, mean, rstd, geom)[0]
+        dx.add_(ds)
+
+    def torch_bwd():
+        dx = torch.ops.aten.native_layer_norm_backward(dy, s, [d], t_mean, t_rstd, w, b,
+                                                        mask)[0]
+        dx.add_(ds)
+
+    return {
+        "ours_fwd": time_graph(lambda: k.forward(x, w, b, EPS, geom, y=y, residual=r, sum=s),
+                               iters, reps),
+        "two_fwd": time_graph(two_fwd, iters, reps),
+        "torch_fwd": time_graph(
+            lambda: torch.ops.aten.native_layer_norm(torch.add(x, r), [d], w, b, EPS),
+            iters, reps),
+        "ours_bwd": time_graph(lambda: k.backward(dy, s, w, mean, rstd, geom, dsum=ds), iters,
+                               reps),
+        "two_bwd": time_graph(two_bwd, iters, reps),
+        "torch_bwd": time_graph(torch_bwd, iters, reps),
+    }
+
+
 def bench_columns(k, outer, d, inner, dtype, iters, reps):
     x = torch.randn(outer, d, inner, dtype=dtype, device="cuda")
     dy = torch.randn_like(x)
@@ -159,6 +201,23 @@ def main():
                 print("%-10s %-9s %-5s ours %.4f ms (%.0f GB/s, %.0f%% copy)  torch %.4f ms  %.2fx"
                       % (rows[-1]["shape"], rows[-1]["dtype"], mode, ours, gbps, rows[-1]["pct_copy"],
                          ref, ref / ours), flush=True)
+    # Residual add + norm: 4·M·D·s bytes each way (forward: read x, r, write
+    # s, y; backward: read dy, ds, s, write dx).
+    for (m, d) in SHAPES[:1] if args.quick else SHAPES[:3]:
+        for dtype in DTYPES:
+            r = bench_add(k, m, d, dtype, args.iters, reps)
+            nbytes = 4 * m * d * torch.tensor([], dtype=dtype).element_size()
+            for mode in ("fwd", "bwd"):
+                ours, ref, two = r["ours_" + mode], r["torch_" + mode], r["two_" + mode]
+                gbps = nbytes / 1e9 / (ours * 1e-3)
+                rows.append(dict(shape="%dx%d" % (m, d), dtype=str(dtype).replace("torch.", ""),
+                                 mode="add+" + mode, ours_ms=ours, torch_ms=ref, ours_gbps=gbps,
+                                 torch_gbps=nbytes / 1e9 / (ref * 1e-3),
+                                 pct_copy=100 * gbps / copy, speedup=ref / ours,
+                                 ours_two_launches_ms=two))
+                print("%-10s %-9s add+%-4s fused %.4f ms (%.0f GB/s)  ours add then norm %.4f ms"
+                      "  torch %.4f ms  %.2fx" % (rows[-1]["shape"], rows[-1]["dtype"], mode, ours,
+                                                 gbps, two, ref, ref / ours), flush=True)
     col_shapes = COLUMN_SHAPES[:1] if args.quick else COLUMN_SHAPES
     for (outer, d, inner) in col_shapes:
         for dtype in DTYPES:
@@ -203,7 +262,9 @@ def main():
              "CUDA graph; GB/s counts 2·M·D·s forward, 3·M·D·s backward, 5·M·D·s both; "
              "speed-up = PyTorch time / ours. DxDxD shapes normalize the middle axis (PyTorch: "
              "transpose, layer_norm, transpose back); the '-inf' row compares our forward on "
-             "rows holding an Inf with the same rows finite (PyTorch columns)."
+             "rows holding an Inf with the same rows finite (PyTorch columns); 'add+' rows are "
+             "the fused residual add + LayerNorm (4·M·D·s bytes each way) against PyTorch's add "
+             "and layer_norm (the json also has our own add then norm, two launches)."
              % (meta["date"], copy, meta["torch"], meta["cuda"]),
              "", "| shape | dtype | pass | ours ms | GB/s | % copy | PyTorch ms | PyTorch GB/s | speed-up |",
              "|---|---|---|---|---|---|---|---|---|"]
